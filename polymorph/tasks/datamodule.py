@@ -1,0 +1,120 @@
+"""Lightning DataModule for Dyck-3: a fresh batch every step, fixed evaluation sets.
+
+Training batches are a pure function of (seed, step): batch ``s`` is drawn from
+a generator seeded with ``(seed, s)``. A run resumed from a checkpoint at step
+``s`` therefore sees exactly the batches an uninterrupted run would have seen,
+and no data-loader state needs saving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from polymorph.tasks.dyck import DyckBatch, generate_training_tokens, label_tokens, make_batch
+
+EVAL_SPLITS = ("train", "compositional", "long")
+# Seeds of the fixed evaluation sets: far from any training-stream seed and
+# from the analysis batches (polymorph.activations).
+EVAL_SEED_OFFSET = 1_000_000
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    # Mix seed and step so that neighbouring seeds never share a batch.
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+class _TrainingStream(IterableDataset):
+    def __init__(self, datamodule: "DyckDataModule") -> None:
+        self.dm = datamodule
+
+    def __iter__(self) -> Iterator[DyckBatch]:
+        step = self.dm.current_step()
+        while True:
+            yield self.dm.training_batch(step)
+            step += 1
+
+
+class _FixedBatches(IterableDataset):
+    def __init__(self, batches: list[DyckBatch]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[DyckBatch]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class DyckDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        seed: int,
+        batch_size: int = 128,
+        min_len: int = 2,
+        max_len: int = 62,
+        p_valid: float = 0.5,
+        eval_size: int = 1024,
+        eval_batch_size: int = 1024,
+        eval_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_size < 1 or eval_batch_size < 1:
+            raise ValueError("data.batch_size, data.eval_size and data.eval_batch_size must be >= 1")
+        self.seed = seed
+        self.batch_size = batch_size
+        self.min_len, self.max_len, self.p_valid = min_len, max_len, p_valid
+        self.eval_size, self.eval_batch_size, self.eval_seed = eval_size, eval_batch_size, eval_seed
+        self._eval: dict[str, list[DyckBatch]] | None = None
+
+    # -- training stream -------------------------------------------------
+    def current_step(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_step) if trainer is not None else 0
+
+    def training_batch(self, step: int) -> DyckBatch:
+        tokens = generate_training_tokens(
+            self.batch_size,
+            step_generator(self.seed, step),
+            min_len=self.min_len,
+            max_len=self.max_len,
+            p_valid=self.p_valid,
+        )
+        return label_tokens(tokens)
+
+    def train_dataloader(self) -> DataLoader:
+        # Batches are already whole: batch_size=None passes them through.
+        return DataLoader(_TrainingStream(self), batch_size=None, num_workers=0)
+
+    # -- fixed evaluation sets ---------------------------------------------
+    def eval_sets(self) -> dict[str, list[DyckBatch]]:
+        """The same sequences for every model seed (they depend on eval_seed only)."""
+        if self._eval is None:
+            self._eval = {}
+            for i, split in enumerate(EVAL_SPLITS):
+                full = make_batch(split, self.eval_size, EVAL_SEED_OFFSET + 10 * self.eval_seed + i)
+                self._eval[split] = _chunk(full, self.eval_batch_size)
+        return self._eval
+
+    def val_dataloader(self) -> list[DataLoader]:
+        sets = self.eval_sets()
+        return [DataLoader(_FixedBatches(sets[s]), batch_size=None) for s in EVAL_SPLITS]
+
+
+def slice_batch(batch: DyckBatch, start: int, stop: int) -> DyckBatch:
+    """Rows [start, stop) of every tensor field of a batch."""
+    values = {
+        f.name: getattr(batch, f.name)[start:stop]
+        for f in dataclasses.fields(batch)
+        if isinstance(getattr(batch, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(batch, **values)
+
+
+def _chunk(batch: DyckBatch, size: int) -> list[DyckBatch]:
+    n = batch.tokens.shape[0]
+    return [slice_batch(batch, i, min(i + size, n)) for i in range(0, n, size)]

@@ -1,0 +1,48 @@
+"""Experiment tracking: build the configured Lightning logger, and always close W&B runs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+
+def build_logger(logger_cfg: DictConfig | None, save_dir: Path, run_name: str, job_type: str):
+    """Instantiate ``logger_cfg`` (a ``_target_`` node) into the run's log folder, or ``False``."""
+    if not logger_cfg or "_target_" not in logger_cfg:
+        return False
+    save_dir.mkdir(parents=True, exist_ok=True)
+    target = str(logger_cfg["_target_"])
+    extra = {"save_dir": str(save_dir)}
+    if target.endswith("WandbLogger"):
+        extra.update(name=run_name, job_type=job_type)
+        if os.environ.get("WANDB_MODE") is None and logger_cfg.get("offline", False):
+            # Keep wandb's own child processes offline as well.
+            os.environ["WANDB_MODE"] = "offline"
+    return instantiate(logger_cfg, **extra)
+
+
+def log_config(logger, cfg: DictConfig, extra: dict | None = None) -> None:
+    if not logger:
+        return
+    params = OmegaConf.to_container(cfg, resolve=True)
+    if extra:
+        params = {**params, **extra}
+    logger.log_hyperparams(params)
+
+
+@contextlib.contextmanager
+def closing_wandb() -> Iterator[None]:
+    """Finish any W&B run at the end of a job, so consecutive multirun jobs never merge."""
+    try:
+        yield
+    finally:
+        import sys
+
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()

@@ -1,0 +1,149 @@
+"""The per-seed job: layout, idempotence, resume, cohorts and bad input (in-process, smoke preset)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from polymorph.checkpoints import read_json
+from polymorph.errors import PolymorphError
+from polymorph.layout import RunLayout
+from polymorph.pipeline import load_run_model, train
+from tests.conftest import compose, smoke_overrides
+
+TRANSFORMER = "stage=transformer"
+
+
+def test_smoke_runs_have_the_documented_layout(smoke_runs):
+    root, results = smoke_runs
+    for seed in (0, 1):
+        run = RunLayout.for_seed(root, "smoke", seed)
+        assert run.is_finished() and run.config.is_file() and run.run_info.is_file()
+        assert sorted(run.step_checkpoints()) == [10, 20]
+        assert run.best.is_file() and run.last.is_file() and run.resume_state.is_file()
+        index = read_json(run.checkpoint_index)
+        assert sorted(index) == ["10", "20"] and "val/min_acc" in index["20"]
+        info = read_json(run.run_info)
+        assert info["seed"] == seed and info["status"] == "finished"
+        assert info["trainable_parameters"] == 104_448 and "torch" in info["versions"]
+        metrics = read_json(run.final_metrics)
+        assert metrics["steps"] == 20 and 0.0 <= metrics["best/val/min_acc"] <= 1.0
+
+
+def test_seeds_differ_and_checkpoints_load_without_pickle(smoke_runs):
+    root, _ = smoke_runs
+    m0, _ = load_run_model(RunLayout.for_seed(root, "smoke", 0))
+    m1, _ = load_run_model(RunLayout.for_seed(root, "smoke", 1))
+    assert not torch.equal(m0.embed.W_E, m1.embed.W_E)
+    # the positional code is shared by construction
+    assert torch.equal(m0.pos_embed.W_pos, m1.pos_embed.W_pos)
+
+
+def test_finished_run_is_reused_and_retrain_flag_retrains(tmp_path):
+    cfg = compose(smoke_overrides(tmp_path, TRANSFORMER))
+    train(cfg)
+    run = RunLayout.for_seed(tmp_path, "smoke", 0)
+    before = {p: p.stat().st_mtime_ns for p in run.checkpoints.iterdir()}
+    train(cfg)
+    assert {p: p.stat().st_mtime_ns for p in run.checkpoints.iterdir()} == before
+    train(compose(smoke_overrides(tmp_path, TRANSFORMER, "retrain=true")))
+    assert run.best.stat().st_mtime_ns != before[run.best]
+
+
+def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
+    from polymorph.training import transformer_module
+
+    reference_root, broken_root = tmp_path / "ref", tmp_path / "broken"
+    train(compose(smoke_overrides(reference_root, TRANSFORMER)))
+
+    original = transformer_module.DyckTransformerModule.training_step
+
+    def interrupt_at_15(self, batch, batch_idx):
+        if self.global_step == 15:
+            raise KeyboardInterrupt
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(transformer_module.DyckTransformerModule, "training_step", interrupt_at_15)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown exits the process
+        train(compose(smoke_overrides(broken_root, TRANSFORMER)))
+    signal.signal(signal.SIGINT, handler)
+    broken = RunLayout.for_seed(broken_root, "smoke", 0)
+    assert not broken.is_finished()  # never mistaken for a finished run
+    assert sorted(broken.step_checkpoints()) == [10]
+
+    monkeypatch.setattr(transformer_module.DyckTransformerModule, "training_step", original)
+    train(compose(smoke_overrides(broken_root, TRANSFORMER)))
+    assert broken.is_finished()
+    assert read_json(broken.run_info)["resumed_from_step"] == 10
+    reference = RunLayout.for_seed(reference_root, "smoke", 0)
+    a, b = load_file(str(reference.last)), load_file(str(broken.last))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_changed_config_on_an_existing_run_is_refused(tmp_path):
+    train(compose(smoke_overrides(tmp_path, TRANSFORMER)))
+    with pytest.raises(PolymorphError, match="training.lr.*retrain=true"):
+        train(compose(smoke_overrides(tmp_path, TRANSFORMER, "training.lr=0.01")))
+
+
+def test_corrupt_resume_state_gives_a_clear_error(tmp_path):
+    run = RunLayout.for_seed(tmp_path, "smoke", 0)
+    train(compose(smoke_overrides(tmp_path, TRANSFORMER)))
+    run.final_metrics.unlink()  # pretend it was interrupted ...
+    run.resume_state.write_bytes(b"not a checkpoint")  # ... while writing its checkpoint
+    with pytest.raises(PolymorphError, match="corrupt.*retrain=true"):
+        train(compose(smoke_overrides(tmp_path, TRANSFORMER)))
+
+
+def test_corrupt_or_missing_weights_give_a_clear_error(tmp_path):
+    run = RunLayout.for_seed(tmp_path, "smoke", 0)
+    train(compose(smoke_overrides(tmp_path, TRANSFORMER)))
+    run.best.write_bytes(b"\x00" * 10)
+    with pytest.raises(PolymorphError, match="corrupt"):
+        load_run_model(run)
+    run.best.unlink()
+    with pytest.raises(PolymorphError, match="does not exist"):
+        load_run_model(run)
+
+
+def test_sae_stage_without_a_trained_transformer_names_the_fix(tmp_path):
+    with pytest.raises(PolymorphError, match=r"seed=3.*stage=transformer"):
+        train(compose(smoke_overrides(tmp_path, "stage=sae", "seed=3")))
+
+
+def test_shared_io_loads_the_anchors_io_weights_frozen_and_trains_the_anchor_once(tmp_path):
+    shared = ["io=shared", TRANSFORMER]
+    # The non-anchor job runs first: it must train the anchor itself (under the anchor's lock).
+    train(compose(smoke_overrides(tmp_path, "seed=1", *shared)))
+    anchor = RunLayout.for_seed(tmp_path, "smoke", 0)
+    assert anchor.is_finished()
+    stamp = anchor.best.stat().st_mtime_ns
+    train(compose(smoke_overrides(tmp_path, "seed=0", *shared)))  # the anchor's own job
+    assert anchor.best.stat().st_mtime_ns == stamp  # not trained twice
+    a = load_file(str(anchor.best))
+    b = load_file(str(RunLayout.for_seed(tmp_path, "smoke", 1).best))
+    for name in ("embed.W_E", "unembed.W_U"):
+        assert torch.equal(a[name], b[name]), name
+    assert not torch.equal(a["blocks.0.attn.W_Q"], b["blocks.0.attn.W_Q"])
+    info = read_json(RunLayout.for_seed(tmp_path, "smoke", 1).run_info)
+    assert info["trainable_parameters"] == 104_448 - 40 * 64 - 64 * 51
+
+
+def test_shared_io_refuses_an_anchor_with_another_model_config(tmp_path):
+    train(compose(smoke_overrides(tmp_path, "seed=0", "io=shared", TRANSFORMER)))
+    with pytest.raises(PolymorphError, match="anchor run"):
+        train(
+            compose(smoke_overrides(tmp_path, "seed=1", "io=shared", TRANSFORMER, "model.d_mlp=128"))
+        )
+
+
+def test_bad_stage_and_seed_are_refused(tmp_path):
+    with pytest.raises(PolymorphError, match="stage=train is unknown"):
+        train(compose(smoke_overrides(tmp_path, "stage=train")))
+    with pytest.raises(PolymorphError, match="non-negative integer"):
+        train(compose(smoke_overrides(tmp_path, "seed=-1")))

@@ -1,0 +1,32 @@
+"""Train one Dyck-3 transformer and its SAEs per seed.
+
+    python train.py                          # seed 0, default preset
+    python train.py -m seed=0..8             # nine seeds (inclusive range)
+    python train.py -m seed=0..8 stage=sae sae.expansion=8,32
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from polymorph.sweep import expand_argv
+
+expand_argv()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from polymorph.errors import PolymorphError
+    from polymorph.pipeline import train
+
+    try:
+        metrics, _ = train(cfg)
+    except PolymorphError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return metrics.get("best/val/min_acc")
+
+
+if __name__ == "__main__":
+    main()

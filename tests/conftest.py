@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
 
-def compose(overrides: list[str], config_name: str = "train"):
+def compose(overrides: list[str], config_name: str = "train", return_hydra: bool = False):
     """Compose a config the way the entry point would, without running Hydra's app."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -25,7 +25,9 @@ def compose(overrides: list[str], config_name: str = "train"):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
+        return hydra_compose(
+            config_name=config_name, overrides=overrides, return_hydra_config=return_hydra
+        )
 
 
 def smoke_overrides(root: Path, *extra: str) -> list[str]:

@@ -1,0 +1,1 @@
+"""Tasks the toy transformers are trained on (currently Dyck-3, see ``polymorph.tasks.dyck``)."""

@@ -11,6 +11,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
+from polymorph.errors import PolymorphError
 from polymorph.layout import RunLayout
 from polymorph.sae import SAETrainConfig, config_id, evaluate_sae, resolve_init_seed, save_sae, train_sae
 
@@ -24,7 +25,10 @@ def sae_model_name(cfg: DictConfig) -> str:
 def train_saes_for_run(cfg: DictConfig, layout: RunLayout, logger) -> dict:
     from polymorph.pipeline import load_run_model, run_activations
 
-    sae_cfg = SAETrainConfig.from_dict(OmegaConf.to_container(cfg.sae, resolve=True))
+    try:
+        sae_cfg = SAETrainConfig.from_dict(OmegaConf.to_container(cfg.sae, resolve=True))
+    except ValueError as err:
+        raise PolymorphError(f"bad SAE config: {err}") from err
     cid = config_id(sae_cfg)
     init_seed = resolve_init_seed(sae_cfg, int(cfg.seed))
     todo = [

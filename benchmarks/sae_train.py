@@ -1,0 +1,122 @@
+"""Seconds per SAE on CPU for a toy-sized site, with the quality it reaches.
+
+    python benchmarks/sae_train.py                        # x8 and x32, conf/sae/relu_l1.yaml
+    python benchmarks/sae_train.py --sae topk --expansions 8
+    python benchmarks/sae_train.py --steps 250 500 1000   # quality/time against steps
+    python benchmarks/sae_train.py --activations acts.safetensors --key blocks.0.hook_resid_post
+
+Without ``--activations`` the data are SYNTHETIC stand-ins for residual activations (100k rows,
+d_in 64): a mean offset, a dense rank-4 component, a sparse superposition of 1024 unit-norm
+directions with Zipf-like firing rates (about 8 active per row, exponential magnitudes) and a
+little Gaussian noise. They have the right shape and rough structure, not the statistics of a
+trained Dyck model: quote the EV/L0 of real activations from the pipeline's metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from polymorph.sae import SAETrainConfig, evaluate_sae, train_sae
+
+
+def synthetic_activations(
+    n_rows: int = 100_000, d_in: int = 64, n_features: int = 1024, seed: int = 0
+) -> torch.Tensor:
+    """Residual-stream-like stand-in data (see the module docstring); float32 [n_rows, d_in]."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(n_features, d_in, generator=g)
+    directions /= directions.norm(dim=1, keepdim=True)
+    rates = 1.0 / (torch.arange(n_features, dtype=torch.float64) + 10.0)
+    rates = (rates * (8.0 / rates.sum())).clamp(max=0.5).float()  # ~8 active features per row
+    x = torch.empty(n_rows, d_in)
+    for start in range(0, n_rows, 10_000):
+        rows = min(10_000, n_rows - start)
+        active = torch.rand(rows, n_features, generator=g) < rates
+        magnitude = torch.empty(rows, n_features).exponential_(1.0, generator=g)
+        x[start : start + rows] = (active * magnitude) @ directions
+    dense_basis = torch.linalg.qr(torch.randn(d_in, 4, generator=g))[0].T  # [4, d_in]
+    dense = torch.randn(n_rows, 4, generator=g) * torch.tensor([3.0, 2.0, 1.0, 0.5])
+    offset = 2.0 * torch.randn(d_in, generator=g) / d_in**0.5
+    noise = 0.05 * torch.randn(n_rows, d_in, generator=g)
+    return (x + dense @ dense_basis + offset + noise).float()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sae", default="relu_l1", help="conf/sae/<name>.yaml (default relu_l1)")
+    parser.add_argument("--expansions", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="default: config's")
+    parser.add_argument(
+        "--l1", type=float, nargs="+", default=None, help="relu_l1 coefficients (default: config's)"
+    )
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--d-in", type=int, default=64)
+    parser.add_argument("--activations", type=Path, default=None, help="safetensors file")
+    parser.add_argument("--key", default=None, help="tensor name in --activations")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args()
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    base = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "sae" / f"{args.sae}.yaml"))
+    if args.activations is not None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(args.activations))
+        key = args.key or next(iter(tensors))
+        acts = tensors[key].float().reshape(-1, tensors[key].shape[-1])
+        source = f"{args.activations}:{key}"
+    else:
+        acts = synthetic_activations(args.rows, args.d_in)
+        source = "synthetic (see module docstring)"
+
+    print(f"data: {source}, {acts.shape[0]} rows x d_in {acts.shape[1]}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"load average before {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    header = (
+        f"{'sae':8} {'l1':>7} {'exp':>4} {'d_sae':>6} {'steps':>6} {'s/SAE':>7} {'ms/step':>8} "
+        f"{'eval s':>7} {'ev_pub':>7} {'ev_std':>7} {'L0':>7} {'dead':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for expansion in args.expansions:
+        for steps, l1 in itertools.product(
+            args.steps or [base["steps"]], args.l1 or [base["l1_coefficient"]]
+        ):
+            cfg = SAETrainConfig.from_dict(
+                {**base, "expansion": expansion, "steps": steps, "l1_coefficient": l1}
+            )
+            sae, info = train_sae(
+                acts, cfg, init_seed=0, hook_name="bench", model_name="bench", progress_bar=False
+            )
+            t0 = time.perf_counter()
+            metrics = evaluate_sae(sae, acts)
+            eval_seconds = time.perf_counter() - t0
+            print(
+                f"{cfg.architecture:8} {l1!s:>7} {expansion:>4} {info['d_sae']:>6} {steps:>6} "
+                f"{info['total_seconds']:>7.1f} {1000 * info['seconds_per_step']:>8.1f} "
+                f"{eval_seconds:>7.1f} {metrics['ev_published']:>7.3f} "
+                f"{metrics['ev_standard']:>7.3f} {metrics['l0']:>7.1f} "
+                f"{metrics['dead_fraction']:>6.3f}",
+                flush=True,
+            )
+    print(f"load average after {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

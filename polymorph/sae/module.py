@@ -1,0 +1,155 @@
+"""A LightningModule that trains one sae-lens *training* SAE with sae-lens' own loss.
+
+There is no SAE mathematics here: encoding, decoding and every loss term come from
+``TrainingSAE.training_forward_pass``. This module only does what sae-lens' ``SAETrainer``
+does around that call: it supplies the coefficients (with sae-lens' own warm-up scheduler),
+tracks which features have not fired recently (the dead-feature mask that TopK's auxiliary loss
+needs) and lets Lightning run the Adam step.
+
+Decoder norms. sae-lens 6 trains the standard (ReLU + L1) SAE with an *unconstrained* decoder
+and an L1 penalty weighted by each decoder row's norm, ``sum_i f_i * ||W_dec[i]||``
+(``StandardTrainingSAE.calculate_aux_loss``); TopK's ``rescale_acts_by_decoder_norm`` does the
+same for its selection. Rescaling row i of ``W_dec`` by 1/c and ``W_enc[:, i]``, ``b_enc[i]``
+by c leaves reconstruction and penalty unchanged (ReLU is positively homogeneous), so the
+objective equals the METHOD.md one (unit-norm decoder, plain L1 on f) written in another
+parametrisation. :func:`polymorph.sae.train.train_sae` folds the norms at the end with
+sae-lens' ``fold_W_dec_norm`` so every returned SAE has unit-norm decoder rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from sae_lens.saes.sae import (
+    SAEMetadata,
+    TrainCoefficientConfig,
+    TrainingSAE,
+    TrainStepInput,
+)
+from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.training.optim import CoefficientScheduler
+
+from polymorph.sae.config import SAETrainConfig
+
+# A feature counts as dead for TopK's auxiliary loss once it has not fired on any row of this
+# many consecutive minibatches (sae-lens' ``dead_feature_window``, whose default of 1000 steps
+# is sized for LLM token streams; 50 x 4096 rows is about two passes over ~100k activations).
+DEAD_FEATURE_WINDOW_STEPS = 50
+
+
+def build_training_sae(
+    cfg: SAETrainConfig,
+    d_in: int,
+    *,
+    init_seed: int,
+    hook_name: str,
+    model_name: str,
+    extra_metadata: dict[str, Any] | None = None,
+) -> TrainingSAE:
+    """A freshly initialised sae-lens training SAE whose weights depend only on ``init_seed``.
+
+    sae-lens draws its initial weights from torch's global CPU generator; we seed that
+    generator inside ``torch.random.fork_rng`` so the draw is reproducible and the caller's
+    global RNG state is left exactly as it was. ``hook_name`` and ``model_name`` go into
+    sae-lens' own metadata (saved in ``cfg.json``), as do ``extra_metadata`` entries
+    (e.g. ``context_size``, ``prepend_bos``).
+    """
+    if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 1:
+        raise ValueError(f"d_in must be a positive integer, got {d_in!r}")
+    if isinstance(init_seed, bool) or not isinstance(init_seed, int) or init_seed < 0:
+        raise ValueError(f"init_seed must be a non-negative integer, got {init_seed!r}")
+    d_sae = cfg.d_sae(d_in)
+    metadata = SAEMetadata(
+        model_name=model_name, hook_name=hook_name, hook_head_index=None, **(extra_metadata or {})
+    )
+    if cfg.architecture == "relu_l1":
+        sae_cfg: Any = StandardTrainingSAEConfig(
+            d_in=d_in, d_sae=d_sae, l1_coefficient=cfg.l1_coefficient, metadata=metadata
+        )
+        sae_cls: type[TrainingSAE] = StandardTrainingSAE
+    else:
+        if cfg.k > d_sae:
+            raise ValueError(
+                f"SAE config k={cfg.k} exceeds the dictionary size d_sae={d_sae} "
+                f"(expansion {cfg.expansion} x d_in {d_in}); lower k or raise expansion"
+            )
+        sae_cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=cfg.k, metadata=metadata)
+        sae_cls = TopKTrainingSAE
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(init_seed)
+        return sae_cls(sae_cfg)
+
+
+class SAETrainingModule(pl.LightningModule):
+    """Optimises ``sae.training_forward_pass(...).loss`` with Adam.
+
+    Logged per step under ``<log_prefix>/``: ``loss`` and each sae-lens loss term
+    (``mse_loss`` = sum over dims of the squared error, mean over rows; ``l1_loss`` or
+    ``auxiliary_reconstruction_loss``), ``l0`` (mean non-zero features per row of the batch)
+    and ``dead_features`` (features silent for ``dead_feature_window`` steps). The total
+    loss of every step is also kept in ``loss_history`` (CPU floats) for the caller.
+    """
+
+    def __init__(
+        self,
+        sae: TrainingSAE,
+        *,
+        lr: float,
+        dead_feature_window: int = DEAD_FEATURE_WINDOW_STEPS,
+        log_prefix: str = "sae",
+    ) -> None:
+        super().__init__()
+        self.sae = sae
+        self.lr = lr
+        self.dead_feature_window = dead_feature_window
+        self.log_prefix = log_prefix
+        self.register_buffer(
+            "steps_since_fired", torch.zeros(sae.cfg.d_sae, dtype=torch.long), persistent=False
+        )
+        self.coefficient_schedulers: dict[str, CoefficientScheduler] = {}
+        for name, coeff in sae.get_coefficients().items():
+            if not isinstance(coeff, TrainCoefficientConfig):
+                coeff = TrainCoefficientConfig(value=coeff, warm_up_steps=0)
+            self.coefficient_schedulers[name] = CoefficientScheduler(
+                warm_up_steps=coeff.warm_up_steps, final_value=coeff.value
+            )
+        self.loss_history: list[float] = []
+
+    def dead_neuron_mask(self) -> torch.Tensor:
+        """Features that fired on no row of the last ``dead_feature_window`` minibatches."""
+        return self.steps_since_fired > self.dead_feature_window
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        dead = self.dead_neuron_mask()
+        out = self.sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=batch,
+                coefficients={n: s.value for n, s in self.coefficient_schedulers.items()},
+                dead_neuron_mask=dead,
+                n_training_steps=self.global_step,
+                is_logging_step=False,
+            )
+        )
+        with torch.no_grad():
+            active = out.feature_acts != 0
+            self.steps_since_fired += 1
+            self.steps_since_fired[active.any(dim=0)] = 0
+            l0 = active.sum(dim=-1).float().mean()
+        p = self.log_prefix
+        self.log(f"{p}/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        for name, value in out.losses.items():
+            self.log(f"{p}/{name}", value.detach(), on_step=True, on_epoch=False)
+        self.log(f"{p}/l0", l0, prog_bar=True, on_step=True, on_epoch=False)
+        self.log(f"{p}/dead_features", dead.sum().float(), on_step=True, on_epoch=False)
+        self.loss_history.append(float(out.loss.detach()))
+        return out.loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        for scheduler in self.coefficient_schedulers.values():
+            scheduler.step()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.sae.parameters(), lr=self.lr)

@@ -141,5 +141,9 @@ def render_report(ctx, results: dict, sections: list[str]) -> str:
         "entries around one grand mean, as in the published code).",
         "- With `analysis.score_on=fit` every score is in-sample, as published; the default scores "
         "on a held-out batch.",
+        "- Where a site's activations span fewer than d dimensions (e.g. `blocks.0.hook_resid_pre` "
+        "= token embedding + a 6-dim positional code: at most 15 directions), the rotation is only "
+        "determined on that span; its Haar diagnostics then say little about the complement.",
     ]
-    return "\n".join(head + [s for s in sections if s] + ["", *caveats, ""])
+    body = "\n\n".join(s for s in sections if s)
+    return "\n".join(head) + "\n" + body + "\n\n" + "\n".join(caveats) + "\n"

@@ -16,16 +16,11 @@ from polymorph.analysis.plots import plt, save
 
 
 def _summary(u) -> dict:
-    d = u.to_dict()
-    d.pop("max_cosine", None)  # per-feature list: too long for results.json
-    return d
+    return u.to_dict(include_per_feature=False)  # per-feature lists stay out of results.json
 
 
 class Universality(AnalysisCallback):
     name = "universality"
-
-    def __init__(self, threshold: float = 0.5) -> None:
-        self.threshold = threshold
 
     def run(self, ctx) -> dict:
         rows, skipped = [], []
@@ -38,19 +33,19 @@ class Universality(AnalysisCallback):
                 skipped.append(f"pair {a},{b} at {site}: SAE missing")
                 continue
             dec_a, dec_b = sa.sae.W_dec.detach(), sb.sae.W_dec.detach()
-            raw = decoder_universality(dec_a, dec_b, threshold=self.threshold)
-            rot = decoder_universality(
-                dec_a, dec_b, rotation=ctx.rotation(a, b, site), threshold=self.threshold
-            )
+            raw = decoder_universality(dec_a, dec_b)
+            rot = decoder_universality(dec_a, dec_b, rotation=ctx.rotation(a, b, site))
             rows.append({"pair": [a, b], "site": site, "raw": _summary(raw), "rotated": _summary(rot)})
-            self._hist[(a, b, site)] = (raw.max_cosine, rot.max_cosine)
+            self._hist[(a, b, site)] = (raw.max_cos, rot.max_cos)
         init = {s: ctx.run_configs[s].get("sae", {}) for s in ctx.seeds}
         return {
             "definitions": {
-                "mean_max_cosine": "mean over SAE a's decoder directions of the max |cosine| "
-                "... see polymorph.align.universality for the exact definition",
-                "frac_above_threshold": f"fraction of SAE a's directions whose max cosine > {self.threshold}",
-                "hungarian_mean_cosine": "mean cosine of a one-to-one assignment maximising total cosine",
+                "mean_max_cos": "mean over SAE a's decoder directions of the max cosine over SAE b's "
+                "decoder directions (the published universality number)",
+                "frac_above_0_5": "fraction of SAE a's directions whose max cosine exceeds 0.5",
+                "hungarian_mean_cos": "mean cosine of the one-to-one matching (Hungarian algorithm) "
+                "that maximises the total cosine",
+                "hist_counts": "histogram of the per-feature max cosine on [-1, 1] (hist_edges)",
                 "rotated": "SAE b's decoder directions multiplied by the fitted rotation (b -> a) first",
             },
             "sae_config_id": ctx.sae_config_id,
@@ -80,7 +75,7 @@ class Universality(AnalysisCallback):
             "## Decoder universality (`universality`)",
             "",
             "Mean max-cosine of SAE a's decoder directions over SAE b's, fraction above "
-            f"{self.threshold}, and Hungarian one-to-one mean cosine; raw vs with b rotated into "
+            "0.5, and Hungarian one-to-one mean cosine; raw vs with b rotated into "
             "a's frame. Mean over pairs.",
             "",
             "| site | max-cos raw | rotated | frac>thr raw | rotated | Hungarian raw | rotated |",
@@ -91,13 +86,11 @@ class Universality(AnalysisCallback):
             if not rows:
                 continue
 
-            def mean(kind, key):
-                return sum(r[kind][key] for r in rows) / len(rows)
-
-            lines.append(
-                f"| `{site}` | {mean('raw', 'mean_max_cosine'):.3f} | {mean('rotated', 'mean_max_cosine'):.3f} "
-                f"| {mean('raw', 'frac_above_threshold'):.3f} | {mean('rotated', 'frac_above_threshold'):.3f} "
-                f"| {mean('raw', 'hungarian_mean_cosine'):.3f} | {mean('rotated', 'hungarian_mean_cosine'):.3f} |"
-            )
+            cells = [
+                f"{sum(r[kind][key] for r in rows) / len(rows):.3f}"
+                for key in ("mean_max_cos", "frac_above_0_5", "hungarian_mean_cos")
+                for kind in ("raw", "rotated")
+            ]
+            lines.append(f"| `{site}` | " + " | ".join(cells) + " |")
         lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in figures]
         return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""analyze() end to end on the smoke runs, the planted-rotation case, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from polymorph.align.haar import haar_orthogonal
+from polymorph.align.procrustes import Rotation
+from polymorph.align.transfer import transfer_sae
+from polymorph.analysis.runner import analyze
+from polymorph.checkpoints import save_weights
+from polymorph.errors import PolymorphError
+from polymorph.layout import RunLayout
+from polymorph.models.rotation import rotate_residual_stream
+from polymorph.pipeline import load_run_model
+from polymorph.sae.io import load_sae, save_sae
+from tests.conftest import compose, smoke_overrides
+
+SITES = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post")
+CALLBACKS = ("function_match", "universality", "sae_transfer", "haar", "steering", "checkpoint_drift")
+
+
+def analysis_cfg(root, name="smoke", *extra):
+    return compose(smoke_overrides(root, f"name={name}", *extra), config_name="analyze")
+
+
+@pytest.fixture(scope="module")
+def smoke_analysis(smoke_runs):
+    root, _ = smoke_runs
+    results, objects = analyze(analysis_cfg(root), show_progress=False)
+    return results, objects["out_dir"]
+
+
+def test_results_report_and_figures_are_written(smoke_analysis):
+    results, out = smoke_analysis
+    on_disk = json.loads((out / "results.json").read_text())
+    for name in CALLBACKS:
+        assert name in on_disk, name
+    meta = on_disk["meta"]
+    assert meta["context"]["seeds"] == [0, 1] and meta["config"]["name"] == "smoke"
+    assert meta["partial"] is False and meta["context"]["scored_batch"] == "eval"
+    report = (out / "report.md").read_text()
+    assert "SAE transfer" in report and "Haar" in report
+    figures = list((out / "figures").glob("*.png"))
+    assert len(figures) >= 5 and all(f.stat().st_size > 1000 for f in figures)
+    for fig in figures:
+        assert f"figures/{fig.name}" in report
+    assert (out / "rotations.safetensors").is_file()
+    for row in on_disk["sae_transfer"]["rows"]:
+        for kind in ("ceiling", "naive", "rotated", "floor"):
+            assert f"{kind}_ev_standard" in row and f"{kind}_ev_published" in row
+        assert abs(row["floor_ev_standard"]) < 1e-9
+        folder = out / row["transferred_sae"]
+        assert (folder / "cfg.json").is_file()
+
+
+def test_transferred_sae_reads_the_other_seed_directly(smoke_analysis, smoke_context):
+    results, out = smoke_analysis
+    row = next(r for r in results["sae_transfer"]["rows"] if r["site"] == SITES[1])
+    moved = load_sae(out / row["transferred_sae"]).sae
+    ctx = smoke_context
+    from polymorph.align.metrics import ev_standard
+
+    x_b = ctx.acts["eval"][1][SITES[1]]
+    ev = ev_standard(moved.decode(moved.encode(x_b)).detach(), x_b)
+    assert ev == pytest.approx(row["rotated_ev_standard"], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def planted(smoke_runs, tmp_path_factory):
+    """Experiment 'planted': seed 0 of the smoke runs plus seed 7 = seed 0 rotated by a known Q."""
+    root, _ = smoke_runs
+    new_root = tmp_path_factory.mktemp("planted")
+    src = RunLayout.for_seed(root, "smoke", 0)
+    anchor = RunLayout.for_seed(new_root, "planted", 0)
+    shutil.copytree(src.root, anchor.root)
+    rotated = RunLayout.for_seed(new_root, "planted", 7)
+    shutil.copytree(src.root, rotated.root)
+    model, _ = load_run_model(src)
+    q = haar_orthogonal(64, "O", seed=11).double()
+    save_weights(rotate_residual_stream(model, q), rotated.best)
+    # seed 7's SAEs: seed 0's, rewritten to read seed 7's frame (x7 = x0 Q)
+    seven_to_zero = Rotation(matrix=q.T, source_mean=torch.zeros(64), target_mean=torch.zeros(64))
+    for site in SITES:
+        for folder in src.saes.joinpath(site).iterdir():
+            saved = load_sae(folder)
+            save_sae(transfer_sae(saved.sae, seven_to_zero), rotated.saes / site / folder.name,
+                     metadata=saved.metadata, metrics=saved.metrics)
+    results, objects = analyze(analysis_cfg(new_root, "planted"), show_progress=False)
+    return results, objects["context"], q
+
+
+def test_planted_rotation_is_found_exactly(planted):
+    results, ctx, q = planted
+    for batch in ("eval", "compositional", "long"):
+        for head, m in results["function_match"]["pairs"][0][batch].items():
+            assert m["argmax_agreement"] == 1.0, (batch, head)
+            assert m["mean_kl"] < 1e-6, (batch, head)
+    for row in results["sae_transfer"]["rows"]:
+        assert row["rotated_ev_standard"] == pytest.approx(row["ceiling_ev_standard"], abs=1e-4)
+        assert row["naive_ev_standard"] < row["ceiling_ev_standard"] - 0.1
+        assert row["firing_overlap_rotated"]["mean_pearson"] > 0.999
+    for site in SITES:
+        rot = ctx.rotation(0, 7, site)
+        x7 = ctx.acts["eval"][7][site].double()
+        x0 = ctx.acts["eval"][0][site].double()
+        torch.testing.assert_close(rot.apply(x7), x0, atol=1e-3, rtol=1e-3)
+        if rot.effective_rank() == 64:  # R is fully determined: it must be Q^T (7 -> 0)
+            assert torch.linalg.norm(rot.matrix - q.T) < 1e-3
+    assert any(ctx.rotation(0, 7, s).effective_rank() == 64 for s in SITES)
+
+
+def test_bad_input_is_reported_clearly(smoke_runs, tmp_path):
+    root, _ = smoke_runs
+    with pytest.raises(PolymorphError, match="no finished seeds"):
+        analyze(analysis_cfg(tmp_path, "nothing"), show_progress=False)
+    single = RunLayout.for_seed(tmp_path, "single", 0)
+    shutil.copytree(RunLayout.for_seed(root, "smoke", 0).root, single.root)
+    with pytest.raises(PolymorphError, match="at least two"):
+        analyze(analysis_cfg(tmp_path, "single"), show_progress=False)
+    with pytest.raises(PolymorphError, match=r"anchor seed 5.*finished seeds: \[0, 1\]"):
+        analyze(analysis_cfg(root, "smoke", "analysis.anchor=5"), show_progress=False)
+    with pytest.raises(PolymorphError, match="unknown site"):
+        analyze(analysis_cfg(root, "smoke", "sites=[blocks.9.hook_resid_post]"), show_progress=False)
+
+
+def test_missing_saes_give_partial_results(smoke_runs, tmp_path):
+    root, _ = smoke_runs
+    for seed in (0, 1):
+        shutil.copytree(RunLayout.for_seed(root, "smoke", seed).root,
+                        RunLayout.for_seed(tmp_path, "gaps", seed).root)
+    shutil.rmtree(RunLayout.for_seed(tmp_path, "gaps", 1).saes / SITES[0])
+    results, objects = analyze(
+        analysis_cfg(tmp_path, "gaps", "~analysis.callbacks.steering",
+                     "~analysis.callbacks.checkpoint_drift"),
+        show_progress=False,
+    )
+    assert results["meta"]["partial"] is True
+    assert any("seed 1" in m and SITES[0] in m for m in results["meta"]["missing"])
+    assert results["universality"]["skipped"]  # that pair/site could not be matched
+    assert len(results["universality"]["rows"]) == 1  # ... the other site still was
+    assert "Partial results" in (objects["out_dir"] / "report.md").read_text()

@@ -39,7 +39,7 @@ class RunLayout:
     root: Path
 
     @classmethod
-    def for_seed(cls, output_root: str | Path, experiment: str, seed: int) -> "RunLayout":
+    def for_seed(cls, output_root: str | Path, experiment: str, seed: int) -> RunLayout:
         return cls(experiment_dir(output_root, experiment) / f"seed={seed}")
 
     @property

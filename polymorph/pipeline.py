@@ -73,10 +73,11 @@ def run_layout(cfg: DictConfig, seed: int | None = None) -> RunLayout:
 
 
 def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
     import hydra
     import sae_lens
     import transformer_lens  # noqa: F401
-    from importlib.metadata import version
 
     return {
         "polymorph": __version__,
@@ -299,7 +300,7 @@ def _check_resume_state(path: Path) -> int:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         return int(state["global_step"])
-    except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
+    except Exception as err:
         raise PolymorphError(
             f"cannot resume from {path}: it is corrupt or not a polymorph checkpoint "
             f"({type(err).__name__}); delete it, or pass retrain=true to start this seed again"
@@ -345,8 +346,8 @@ def run_activations(cfg: DictConfig, layout: RunLayout, model) -> dict[str, torc
                 if all(stored.get(k) == v for k, v in meta.items()):
                     out[site] = load_activations(path)
                     continue
-            except Exception:  # corrupt cache: recompute it
-                pass
+            except Exception as err:  # noqa: BLE001 - an unreadable cache is recomputed
+                log.warning("activation cache %s unreadable (%s): recomputing it", path, err)
         missing.append(site)
     if missing:
         tokens = analysis_tokens(a.n_sequences, a.seed, a.min_len, a.max_len)

@@ -13,7 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from polymorph.errors import PolymorphError
 from polymorph.layout import RunLayout
-from polymorph.sae import SAETrainConfig, config_id, evaluate_sae, resolve_init_seed, save_sae, train_sae
+from polymorph.sae import (
+    SAETrainConfig,
+    config_id,
+    evaluate_sae,
+    resolve_init_seed,
+    save_sae,
+    train_sae,
+)
 
 log = logging.getLogger(__name__)
 

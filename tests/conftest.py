@@ -12,9 +12,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # (two threads per process on a loaded 2-core machine were measured 10-30x slower).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"

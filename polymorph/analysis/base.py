@@ -20,14 +20,14 @@ class AnalysisCallback:
     #: key in results.json and the W&B namespace; set by each subclass
     name: str = ""
 
-    def run(self, ctx: "AnalysisContext") -> dict[str, Any]:
+    def run(self, ctx: AnalysisContext) -> dict[str, Any]:
         raise NotImplementedError
 
-    def figures(self, ctx: "AnalysisContext", result: dict, fig_dir: Path) -> list[Path]:
+    def figures(self, ctx: AnalysisContext, result: dict, fig_dir: Path) -> list[Path]:
         """Draw PNG figures into ``fig_dir``; return their paths."""
         return []
 
-    def report(self, ctx: "AnalysisContext", result: dict, figures: list[Path]) -> str:
+    def report(self, ctx: AnalysisContext, result: dict, figures: list[Path]) -> str:
         """A markdown section for report.md (figures are relative to the analysis folder)."""
         return ""
 

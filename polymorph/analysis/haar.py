@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.torch import save_file
 
 from polymorph.align.haar import diagnose_many, haar_null

@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 COLOURS = {"ceiling": "#2b8a3e", "naive": "#c92a2a", "rotated": "#1c7ed6", "floor": "#868e96"}
 

@@ -29,7 +29,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 class _TrainingStream(IterableDataset):
-    def __init__(self, datamodule: "DyckDataModule") -> None:
+    def __init__(self, datamodule: DyckDataModule) -> None:
         self.dm = datamodule
 
     def __iter__(self) -> Iterator[DyckBatch]:

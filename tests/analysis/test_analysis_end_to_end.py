@@ -38,6 +38,7 @@ def smoke_analysis(smoke_runs):
 def test_results_report_and_figures_are_written(smoke_analysis):
     results, out = smoke_analysis
     on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["meta"]["callbacks"] == results["meta"]["callbacks"]
     for name in CALLBACKS:
         assert name in on_disk, name
     meta = on_disk["meta"]
@@ -60,6 +61,7 @@ def test_results_report_and_figures_are_written(smoke_analysis):
 
 def test_transferred_sae_reads_the_other_seed_directly(smoke_analysis, smoke_context):
     results, out = smoke_analysis
+    assert results["sae_transfer"]["rows"]
     row = next(r for r in results["sae_transfer"]["rows"] if r["site"] == SITES[1])
     moved = load_sae(out / row["transferred_sae"]).sae
     ctx = smoke_context

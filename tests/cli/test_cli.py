@@ -24,6 +24,7 @@ def run(script: str, *args: str, cwd: Path = REPO, check: bool = True) -> subpro
         capture_output=True,
         text=True,
         timeout=600,
+        check=False,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -19,6 +19,7 @@ TRANSFORMER = "stage=transformer"
 
 def test_smoke_runs_have_the_documented_layout(smoke_runs):
     root, results = smoke_runs
+    assert sorted(results) == [0, 1]
     for seed in (0, 1):
         run = RunLayout.for_seed(root, "smoke", seed)
         assert run.is_finished() and run.config.is_file() and run.run_info.is_file()

@@ -1,0 +1,65 @@
+"""polymorph.align: the mathematics the project reports (pure functions, planted-truth tested).
+
+* :mod:`~polymorph.align.metrics` (explained variance, both definitions);
+* :mod:`~polymorph.align.procrustes` (fit / apply / score a rotation between two models);
+* :mod:`~polymorph.align.haar` (is a rotation a Haar draw? trace, KS, near-fixed subspace);
+* :mod:`~polymorph.align.universality` (decoder max-cosine and Hungarian matching);
+* :mod:`~polymorph.align.transfer` (move an SAE or a steering vector between frames).
+
+``transfer`` imports sae-lens, so its names are loaded lazily.
+"""
+
+from polymorph.align.haar import (
+    HaarDiagnostics,
+    HaarDiagnosticsSet,
+    HaarNull,
+    diagnose,
+    diagnose_many,
+    eigen_angles,
+    haar_null,
+    haar_orthogonal,
+    haar_with_fixed_block,
+)
+from polymorph.align.metrics import EV_DEFINITIONS, ev_published, ev_standard, explained_variance
+from polymorph.align.procrustes import Rotation, fit_rotation, score_alignment
+from polymorph.align.universality import (
+    ChanceLevel,
+    Universality,
+    chance_level,
+    decoder_universality,
+)
+
+_LAZY = {"transfer_sae", "transfer_vector"}
+
+__all__ = [
+    "EV_DEFINITIONS",
+    "ChanceLevel",
+    "HaarDiagnostics",
+    "HaarDiagnosticsSet",
+    "HaarNull",
+    "Rotation",
+    "Universality",
+    "chance_level",
+    "decoder_universality",
+    "diagnose",
+    "diagnose_many",
+    "eigen_angles",
+    "ev_published",
+    "ev_standard",
+    "explained_variance",
+    "fit_rotation",
+    "haar_null",
+    "haar_orthogonal",
+    "haar_with_fixed_block",
+    "score_alignment",
+    "transfer_sae",
+    "transfer_vector",
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from polymorph.align import transfer
+
+        return getattr(transfer, name)
+    raise AttributeError(f"module 'polymorph.align' has no attribute {name!r}")

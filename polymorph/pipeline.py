@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from polymorph import __version__
 from polymorph.activations import (
+    SiteError,
     analysis_tokens,
     check_sites,
     collect_activations,
@@ -324,7 +325,10 @@ def load_run_model(layout: RunLayout, which: str = "best"):
 
 def run_activations(cfg: DictConfig, layout: RunLayout, model) -> dict[str, torch.Tensor]:
     """SAE training activations per site: cached in the run folder, recomputed when stale."""
-    check_sites(model, list(cfg.sites))
+    try:
+        check_sites(model, list(cfg.sites))
+    except SiteError as err:
+        raise PolymorphError(str(err)) from err
     a = cfg.activations
     best_step = read_json(layout.final_metrics).get("best_step")
     meta = {

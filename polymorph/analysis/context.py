@@ -179,7 +179,10 @@ def build_context(cfg: DictConfig, root: Path, out_dir: Path, show_progress: boo
     work = [(p, site) for p in pairs for site in sites]
     for (sa, sb), site in tqdm(work, desc="rotations (pair, site)", disable=not show_progress):
         rotations[(sa, sb, site)] = fit_rotation(
-            acts["fit"][sb][site], acts["fit"][sa][site], group=str(a.group)
+            acts["fit"][sb][site],
+            acts["fit"][sa][site],
+            group=str(a.group),
+            precision=str(a.get("fit_precision", "float64")),
         )
 
     missing: list[str] = []

@@ -111,6 +111,10 @@ class SAETransfer(AnalysisCallback):
 
         folder = ctx.out_dir / "transferred_saes" / f"seed={a}_to_seed={b}" / site
         moved = transfer_sae(saved.sae, rotation)
+        meta = getattr(moved.cfg, "metadata", None)
+        if meta is not None and getattr(meta, "model_name", None):
+            # it now reads seed b's residual stream at the same hook
+            meta.model_name = f"{meta.model_name} -> transferred to seed={b}"
         metadata = {
             **saved.metadata,
             "transferred": {

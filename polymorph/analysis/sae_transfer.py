@@ -38,15 +38,25 @@ def sae_codes_and_reconstruction(sae, x: torch.Tensor, batch_size: int = 8192):
     return torch.cat(feats), torch.cat(recon)
 
 
-def firing_overlap(codes_a: torch.Tensor, codes_b: torch.Tensor) -> dict:
-    """Mean per-feature Pearson correlation between two row-aligned code matrices."""
-    a = codes_a.double() - codes_a.double().mean(0)
-    b = codes_b.double() - codes_b.double().mean(0)
-    sa, sb = a.norm(dim=0), b.norm(dim=0)
-    ok = (sa > 0) & (sb > 0)
-    corr = (a * b).sum(0)[ok] / (sa[ok] * sb[ok])
+def standardised_codes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature centred codes scaled to unit norm over rows, and which features vary at all."""
+    centred = codes - codes.mean(0)
+    norms = centred.norm(dim=0)
+    varies = norms > 0
+    return centred / norms.clamp(min=1e-30), varies
+
+
+def firing_overlap(std_a: tuple[torch.Tensor, torch.Tensor], codes_b: torch.Tensor) -> dict:
+    """Mean per-feature Pearson correlation between two row-aligned code matrices.
+
+    ``std_a`` is :func:`standardised_codes` of the first matrix (computed once per site).
+    """
+    za, varies_a = std_a
+    zb, varies_b = standardised_codes(codes_b)
+    ok = varies_a & varies_b
+    corr = (za * zb).sum(0)[ok]
     return {
-        "mean_pearson": float(corr.mean()) if ok.any() else float("nan"),
+        "mean_pearson": float(corr.double().mean()) if ok.any() else float("nan"),
         "n_features_compared": int(ok.sum()),
     }
 
@@ -59,6 +69,7 @@ class SAETransfer(AnalysisCallback):
 
     def run(self, ctx) -> dict:
         rows, skipped = [], []
+        own: dict = {}  # (seed, site) -> SAE a's codes and reconstruction of its own activations
         for (a, b), site in ctx.progress(
             [(p, s) for p in ctx.pairs for s in ctx.sites], desc="sae_transfer (pair, site)"
         ):
@@ -70,7 +81,10 @@ class SAETransfer(AnalysisCallback):
             x_a, x_b = ctx.scoring_acts(a, site), ctx.scoring_acts(b, site)
             rotation = ctx.rotation(a, b, site)
             x_b_in_a = rotation.apply(x_b).float()
-            codes_a, rec_a = sae_codes_and_reconstruction(sae, x_a)
+            if (a, site) not in own:
+                codes_a, rec_a = sae_codes_and_reconstruction(sae, x_a)
+                own[(a, site)] = (standardised_codes(codes_a), rec_a, float((codes_a != 0).sum(1).double().mean()))
+            std_a, rec_a, l0_a = own[(a, site)]
             codes_naive, rec_naive = sae_codes_and_reconstruction(sae, x_b)
             codes_rot, rec_rot = sae_codes_and_reconstruction(sae, x_b_in_a)
             floor = x_a.double().mean(0, keepdim=True).expand_as(x_a)
@@ -83,9 +97,9 @@ class SAETransfer(AnalysisCallback):
             }.items():
                 for definition, value in explained_variance(x_hat, x).items():
                     row[f"{kind}_{definition}"] = value
-            row["firing_overlap_raw"] = firing_overlap(codes_a, codes_naive)
-            row["firing_overlap_rotated"] = firing_overlap(codes_a, codes_rot)
-            row["l0_ceiling"] = float((codes_a != 0).sum(1).double().mean())
+            row["firing_overlap_raw"] = firing_overlap(std_a, codes_naive)
+            row["firing_overlap_rotated"] = firing_overlap(std_a, codes_rot)
+            row["l0_ceiling"] = l0_a
             if self.save_transferred:
                 row["transferred_sae"] = self._save(ctx, saved, rotation, a, b, site)
             rows.append(row)

@@ -6,12 +6,12 @@ import pytest
 import torch
 from sae_lens import SAE
 
+from polymorph.activations import load_activations
 from polymorph.checkpoints import read_json
 from polymorph.errors import PolymorphError
 from polymorph.layout import RunLayout
 from polymorph.pipeline import train
 from polymorph.sae import evaluate_sae
-from polymorph.activations import load_activations
 from tests.conftest import compose, smoke_overrides
 
 SMOKE_SITES = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]

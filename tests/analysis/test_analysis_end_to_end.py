@@ -21,7 +21,10 @@ from polymorph.sae.io import load_sae, save_sae
 from tests.conftest import compose, smoke_overrides
 
 SITES = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post")
-CALLBACKS = ("function_match", "universality", "sae_transfer", "haar", "steering", "checkpoint_drift")
+CALLBACKS = (
+    "function_match", "universality", "sae_transfer", "haar", "steering", "checkpoint_drift",
+    "map_family", "convergence",
+)
 
 
 def analysis_cfg(root, name="smoke", *extra):
@@ -114,6 +117,10 @@ def test_planted_rotation_is_found_exactly(planted):
         if rot.effective_rank() == 64:  # R is fully determined: it must be Q^T (7 -> 0)
             assert torch.linalg.norm(rot.matrix - q.T) < 1e-3
     assert any(ctx.rotation(0, 7, s).effective_rank() == 64 for s in SITES)
+    for row in results["map_family"]["rows"]:  # an exact rotation: nothing beats the orthogonal map
+        assert row["orthogonal_ev_standard"] == pytest.approx(1.0, abs=1e-4)
+        assert row["orthogonal_share"] == pytest.approx(1.0, abs=1e-4)
+        assert row["cka"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_bad_input_is_reported_clearly(smoke_runs, tmp_path):

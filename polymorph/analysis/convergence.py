@@ -1,0 +1,142 @@
+"""convergence: does the cross-seed map become a pure rotation as the seeds converge?
+
+For every training step at which all analysed seeds kept a checkpoint (or ``max_steps`` of
+them, evenly spaced, the last always kept): the seeds' activations at that step on the fit and
+eval batches, then per (pair, site) the held-out EV of the orthogonal map and of the affine
+(general linear) map, against step and against the seeds' ``val/min_acc`` at that step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from polymorph.activations import collect_activations
+from polymorph.align.maps import fit_map, score_map
+from polymorph.analysis.base import AnalysisCallback
+from polymorph.analysis.plots import plt, save
+from polymorph.checkpoints import read_json
+from polymorph.errors import PolymorphError
+
+
+def common_steps(ctx) -> list[int]:
+    saved = {s: sorted(ctx.runs[s].step_checkpoints()) for s in ctx.seeds}
+    common = sorted(set.intersection(*(set(v) for v in saved.values())))
+    if not common:
+        listing = "; ".join(f"seed {s}: {v or 'none'}" for s, v in saved.items())
+        raise PolymorphError(
+            f"the seeds share no checkpoint step, so there is no common point of training to "
+            f"compare ({listing}); train them with the same training.eval_every"
+        )
+    return common
+
+
+def spaced(steps: list[int], k: int | None) -> list[int]:
+    if k is None or len(steps) <= k:
+        return steps
+    idx = {round(i * (len(steps) - 1) / (k - 1)) for i in range(k)}
+    return [steps[i] for i in sorted(idx)]
+
+
+class Convergence(AnalysisCallback):
+    name = "convergence"
+
+    def __init__(self, max_steps: int | None = 6, sites=None) -> None:
+        if max_steps is not None and int(max_steps) < 2:
+            raise ValueError(f"max_steps must be None (all) or >= 2, got {max_steps}")
+        self.max_steps = None if max_steps is None else int(max_steps)
+        self.sites = None if sites is None else [str(s) for s in sites]
+
+    def run(self, ctx) -> dict:
+        from polymorph.pipeline import load_run_model
+
+        sites = self.sites or ctx.sites
+        unknown = [s for s in sites if s not in ctx.sites]
+        if unknown:
+            raise PolymorphError(f"convergence.sites {unknown} are not analysis sites {ctx.sites}")
+        steps_all = common_steps(ctx)
+        steps = spaced(steps_all, self.max_steps)
+        acc = {s: read_json(ctx.runs[s].checkpoint_index) for s in ctx.seeds}
+        rows = []
+        for step in ctx.progress(steps, desc="convergence (step)"):
+            acts = {}
+            for seed in ctx.seeds:
+                model, _ = load_run_model(ctx.runs[seed], str(ctx.runs[seed].step_checkpoint(step)))
+                acts[seed] = {
+                    name: collect_activations(model, ctx.tokens[name], sites)
+                    for name in {"fit", ctx.score_batch}
+                }
+            for a, b in ctx.pairs:
+                for site in sites:
+                    src_fit, tgt_fit = acts[b]["fit"][site], acts[a]["fit"][site]
+                    src, tgt = acts[b][ctx.score_batch][site], acts[a][ctx.score_batch][site]
+                    row = {
+                        "step": step,
+                        "pair": [a, b],
+                        "site": site,
+                        "min_acc_a": acc[a].get(str(step), {}).get("val/min_acc"),
+                        "min_acc_b": acc[b].get(str(step), {}).get("val/min_acc"),
+                    }
+                    for family in ("orthogonal", "affine"):
+                        ev = score_map(fit_map(src_fit, tgt_fit, family), src, tgt)
+                        row[f"{family}_ev_standard"] = ev["ev_standard"]
+                        row[f"{family}_ev_published"] = ev["ev_published"]
+                    rows.append(row)
+        return {
+            "definitions": {
+                "orthogonal_ev_*": "held-out EV of seed a's activations from seed b's through the "
+                "orthogonal map fitted on the fit batch, both seeds at the same training step",
+                "affine_ev_*": "the same through the affine (general linear) map",
+                "min_acc_a / min_acc_b": "val/min_acc of each seed at that step (its index.json)",
+            },
+            "common_steps": steps_all,
+            "steps": steps,
+            "rows": rows,
+        }
+
+    def figures(self, ctx, result: dict, fig_dir: Path) -> list[Path]:
+        sites = sorted({r["site"] for r in result["rows"]}, key=ctx.sites.index)
+        if not sites:
+            return []
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for site in sites:
+            rows = [r for r in result["rows"] if r["site"] == site]
+            by_step = {}
+            for r in rows:
+                by_step.setdefault(r["step"], []).append(r)
+            xs = sorted(by_step)
+            mean = [sum(r["orthogonal_ev_standard"] for r in by_step[x]) / len(by_step[x]) for x in xs]
+            label = site.replace("blocks.", "").replace("hook_resid_", "")
+            axes[0].plot(xs, mean, marker="o", label=label)
+            accs = [min(r["min_acc_a"] or 0, r["min_acc_b"] or 0) for r in rows]
+            axes[1].scatter(accs, [r["orthogonal_ev_standard"] for r in rows], s=10, label=label)
+        axes[0].set_xlabel("training step")
+        axes[0].set_ylabel("rotated EV (ev_standard, mean over pairs)")
+        axes[1].set_xlabel("min(val/min_acc) of the two seeds")
+        axes[1].set_ylabel("rotated EV (ev_standard)")
+        axes[0].legend(fontsize=7)
+        return [save(fig, fig_dir / "convergence_rotated_ev.png")]
+
+    def report(self, ctx, result: dict, figures) -> str:
+        lines = [
+            "## Does the map become a rotation as the seeds converge? (`convergence`)",
+            "",
+            f"At each common checkpoint step ({len(result['steps'])} of {len(result['common_steps'])} "
+            f"shared steps): held-out EV through the orthogonal and the affine map, mean over pairs, "
+            "and the lowest val/min_acc of the seeds at that step. A gap that closes as accuracy "
+            "rises says polymorphism becomes a pure rotation with convergence.",
+            "",
+            "| site | step | min val/min_acc | orthogonal EV | affine EV |",
+            "|---|---|---|---|---|",
+        ]
+        for site in ctx.sites:
+            for step in result["steps"]:
+                rows = [r for r in result["rows"] if r["site"] == site and r["step"] == step]
+                if not rows:
+                    continue
+                accs = [x for r in rows for x in (r["min_acc_a"], r["min_acc_b"]) if x is not None]
+                o = sum(r["orthogonal_ev_standard"] for r in rows) / len(rows)
+                f = sum(r["affine_ev_standard"] for r in rows) / len(rows)
+                acc_txt = f"{min(accs):.3f}" if accs else "n/a"
+                lines.append(f"| `{site}` | {step} | {acc_txt} | {o:.3f} | {f:.3f} |")
+        lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in figures]
+        return "\n".join(lines)

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from polymorph.align.haar import haar_orthogonal
+from polymorph.align.maps import MAP_FAMILIES, fit_map, linear_cka, score_map
+
+
+def _data(n=4000, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2.0, d) + 3.0
+    return x, g
+
+
+def test_non_orthogonal_planted_map_needs_the_linear_family():
+    x, _ = _data()
+    u, v = haar_orthogonal(16, "O", seed=1).double(), haar_orthogonal(16, "O", seed=2).double()
+    a = u @ torch.diag(torch.linspace(0.5, 2.0, 16, dtype=torch.float64)) @ v.T
+    assert torch.linalg.cond(a) == pytest.approx(4.0)  # well conditioned, far from orthogonal
+    y = x @ a
+    fit_x, fit_y, ev_x, ev_y = x[:2000], y[:2000], x[2000:], y[2000:]
+    ev = {f: score_map(fit_map(fit_x, fit_y, f), ev_x, ev_y)["ev_standard"] for f in MAP_FAMILIES}
+    assert ev["linear"] == pytest.approx(1.0, abs=1e-9)
+    assert ev["affine"] == pytest.approx(1.0, abs=1e-9)
+    assert ev["orthogonal"] < 0.95
+
+
+def test_rotation_is_reached_by_every_family_but_identity():
+    x, _ = _data()
+    q = haar_orthogonal(16, "SO", seed=3).double()
+    y = x @ q
+    fit_x, fit_y, ev_x, ev_y = x[:2000], y[:2000], x[2000:], y[2000:]
+    for family in MAP_FAMILIES:
+        ev = score_map(fit_map(fit_x, fit_y, family), ev_x, ev_y)["ev_standard"]
+        if family == "identity":
+            assert ev < 0.9
+        else:
+            assert ev == pytest.approx(1.0, abs=1e-9), family
+
+
+def test_scaled_orthogonal_recovers_a_global_scale():
+    x, _ = _data()
+    q = haar_orthogonal(16, "O", seed=4).double()
+    y = 2.5 * x @ q
+    fitted = fit_map(x, y, "scaled_orthogonal")
+    assert torch.linalg.norm(fitted.matrix - 2.5 * q) < 1e-8
+    assert score_map(fit_map(x, y, "orthogonal"), x, y)["ev_standard"] < 0.9
+
+
+def test_cka_invariances():
+    x, g = _data(n=1000)
+    q = haar_orthogonal(16, "O", seed=5).double()
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    assert linear_cka(x, 3.0 * x @ q + 1.0) == pytest.approx(1.0)
+    other = torch.randn(1000, 16, generator=g, dtype=torch.float64)
+    assert linear_cka(x, other) < 0.2
+
+
+def test_bad_input_is_refused():
+    x, _ = _data(n=10)
+    with pytest.raises(ValueError, match="under-determined"):
+        fit_map(x, x, "linear")
+    big, _ = _data(n=100)
+    with pytest.raises(ValueError, match="unknown map family"):
+        fit_map(big, big, "quadratic")
+    with pytest.raises(ValueError, match="matching"):
+        fit_map(big, big[:50], "affine")
+
+
+def test_rank_deficient_activations_still_fit():
+    x, g = _data(n=500)
+    x[:, 8:] = 0.0  # activations living in a subspace, like the embedding site
+    fitted = fit_map(x, x, "affine")
+    assert score_map(fitted, x, x)["ev_standard"] == pytest.approx(1.0, abs=1e-9)
+    assert score_map(fit_map(x, x, "linear"), x, x)["ev_standard"] == pytest.approx(1.0, abs=1e-9)

@@ -67,7 +67,7 @@ def test_bad_input_is_refused():
 
 
 def test_rank_deficient_activations_still_fit():
-    x, g = _data(n=500)
+    x, _ = _data(n=500)
     x[:, 8:] = 0.0  # activations living in a subspace, like the embedding site
     fitted = fit_map(x, x, "affine")
     assert score_map(fitted, x, x)["ev_standard"] == pytest.approx(1.0, abs=1e-9)

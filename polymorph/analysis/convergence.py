@@ -1,8 +1,8 @@
 """convergence: does the cross-seed map become a pure rotation as the seeds converge?
 
-For every training step at which all analysed seeds kept a checkpoint (or ``max_steps`` of
-them, evenly spaced, the last always kept): the seeds' activations at that step on the fit and
-eval batches, then per (pair, site) the held-out EV of the orthogonal map and of the affine
+For every training step at which both seeds of an analysed pair kept a checkpoint (or
+``max_steps`` of those steps, evenly spaced, first and last kept): the seeds' activations at that
+step on the fit and eval batches, then per (pair, site) the held-out EV of the orthogonal map and of the affine
 (general linear) map, against step and against the seeds' ``val/min_acc`` at that step.
 """
 
@@ -18,16 +18,17 @@ from polymorph.checkpoints import read_json
 from polymorph.errors import PolymorphError
 
 
-def common_steps(ctx) -> list[int]:
-    saved = {s: sorted(ctx.runs[s].step_checkpoints()) for s in ctx.seeds}
-    common = sorted(set.intersection(*(set(v) for v in saved.values())))
-    if not common:
-        listing = "; ".join(f"seed {s}: {v or 'none'}" for s, v in saved.items())
+def pair_steps(ctx) -> dict[tuple[int, int], list[int]]:
+    """For every analysed pair, the checkpoint steps both of its seeds saved."""
+    saved = {s: set(ctx.runs[s].step_checkpoints()) for s in ctx.seeds}
+    shared = {(a, b): sorted(saved[a] & saved[b]) for a, b in ctx.pairs}
+    if not any(shared.values()):
+        listing = "; ".join(f"seed {s}: {sorted(v) or 'none'}" for s, v in saved.items())
         raise PolymorphError(
-            f"the seeds share no checkpoint step, so there is no common point of training to "
-            f"compare ({listing}); train them with the same training.eval_every"
+            f"no pair of seeds shares a checkpoint step, so there is no common point of training "
+            f"to compare ({listing}); train them with the same training.eval_every"
         )
-    return common
+    return shared
 
 
 def spaced(steps: list[int], k: int | None) -> list[int]:
@@ -53,19 +54,21 @@ class Convergence(AnalysisCallback):
         unknown = [s for s in sites if s not in ctx.sites]
         if unknown:
             raise PolymorphError(f"convergence.sites {unknown} are not analysis sites {ctx.sites}")
-        steps_all = common_steps(ctx)
+        shared = pair_steps(ctx)
+        steps_all = sorted(set().union(*shared.values()))
         steps = spaced(steps_all, self.max_steps)
         acc = {s: read_json(ctx.runs[s].checkpoint_index) for s in ctx.seeds}
         rows = []
         for step in ctx.progress(steps, desc="convergence (step)"):
+            pairs = [p for p in ctx.pairs if step in shared[p]]
             acts = {}
-            for seed in ctx.seeds:
+            for seed in sorted({s for p in pairs for s in p}):
                 model, _ = load_run_model(ctx.runs[seed], str(ctx.runs[seed].step_checkpoint(step)))
                 acts[seed] = {
                     name: collect_activations(model, ctx.tokens[name], sites)
                     for name in {"fit", ctx.score_batch}
                 }
-            for a, b in ctx.pairs:
+            for a, b in pairs:
                 for site in sites:
                     src_fit, tgt_fit = acts[b]["fit"][site], acts[a]["fit"][site]
                     src, tgt = acts[b][ctx.score_batch][site], acts[a][ctx.score_batch][site]
@@ -87,8 +90,10 @@ class Convergence(AnalysisCallback):
                 "orthogonal map fitted on the fit batch, both seeds at the same training step",
                 "affine_ev_*": "the same through the affine (general linear) map",
                 "min_acc_a / min_acc_b": "val/min_acc of each seed at that step (its index.json)",
+                "common_steps": "every step saved by both seeds of at least one analysed pair",
             },
             "common_steps": steps_all,
+            "pair_steps": {f"{a},{b}": v for (a, b), v in shared.items()},
             "steps": steps,
             "rows": rows,
         }
@@ -120,8 +125,8 @@ class Convergence(AnalysisCallback):
         lines = [
             "## Does the map become a rotation as the seeds converge? (`convergence`)",
             "",
-            f"At each common checkpoint step ({len(result['steps'])} of {len(result['common_steps'])} "
-            f"shared steps): held-out EV through the orthogonal and the affine map, mean over pairs, "
+            f"At checkpoint steps saved by both seeds of a pair ({len(result['steps'])} of "
+            f"{len(result['common_steps'])} such steps; pairs counted per step): held-out EV through the orthogonal and the affine map, mean over pairs, "
             "and the lowest val/min_acc of the seeds at that step. A gap that closes as accuracy "
             "rises says polymorphism becomes a pure rotation with convergence.",
             "",

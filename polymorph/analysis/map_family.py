@@ -67,24 +67,27 @@ class MapFamily(AnalysisCallback):
         return out
 
     def figures(self, ctx, result: dict, fig_dir: Path) -> list[Path]:
-        summary = self.per_site(ctx, result)
-        if not summary:
-            return []
+        """One figure per site: held-out EV of every family, one bar per pair plus the mean."""
         fams = result["families"]
-        fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(summary)), 4))
-        width = 0.8 / len(fams)
-        for i, fam in enumerate(fams):
-            xs = [j + (i - (len(fams) - 1) / 2) * width for j in range(len(summary))]
-            ax.bar(xs, [summary[s][f"{fam}_ev_standard"] for s in summary], width, label=fam,
-                   color=COLOURS[i % len(COLOURS)])
-        ax.set_xticks(range(len(summary)))
-        ax.set_xticklabels([s.replace("blocks.", "").replace("hook_resid_", "") for s in summary])
-        ax.set_ylabel(f"held-out EV (ev_standard, {ctx.score_batch} batch)")
-        ax.set_ylim(max(-1.0, min(min(v.values()) for v in summary.values()) - 0.05), 1.02)
-        ax.axhline(0, color="black", lw=0.8)
-        ax.legend(fontsize=7, ncol=3)
-        ax.set_title("Map families from seed b into the anchor's frame (mean over pairs)", fontsize=10)
-        return [save(fig, fig_dir / "map_family_ev.png")]
+        paths = []
+        for site in ctx.sites:
+            rows = [r for r in result["rows"] if r["site"] == site]
+            if not rows:
+                continue
+            fig, ax = plt.subplots(figsize=(6.5, 3.4))
+            means = [sum(r[f"{f}_ev_standard"] for r in rows) / len(rows) for f in fams]
+            ax.bar(range(len(fams)), means, color=COLOURS[: len(fams)], alpha=0.8)
+            for r in rows:
+                ax.scatter(range(len(fams)), [r[f"{f}_ev_standard"] for f in fams], s=8,
+                           color="black", zorder=3)
+            ax.set_xticks(range(len(fams)))
+            ax.set_xticklabels([f.replace("_", "\n") for f in fams], fontsize=7)
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_ylim(max(-1.0, min(min(means), 0) - 0.05), 1.02)
+            ax.set_ylabel(f"held-out EV (ev_standard, {ctx.score_batch})")
+            ax.set_title(f"{site}: map families, bars = mean, dots = pairs", fontsize=9)
+            paths.append(save(fig, fig_dir / f"map_family_{site}.png"))
+        return paths
 
     def report(self, ctx, result: dict, figures) -> str:
         summary = self.per_site(ctx, result)

@@ -1,5 +1,7 @@
-"""Residual-stream activations at named sites, non-PAD positions only.
+"""Residual-stream activations at named sites, at the positions a mask keeps.
 
+The Dyck task keeps every non-PAD position (the default mask); a language model's text
+windows keep every position but the first few (see ``polymorph.token_batches``).
 Rows are ordered by sequence, then position, so two models run on the same
 tokens give row-aligned matrices: row i of seed A and row i of seed B are the
 same token in the same context (what Procrustes needs).
@@ -45,21 +47,32 @@ def check_sites(model: HookedTransformer, sites: list[str]) -> None:
 
 @torch.no_grad()
 def collect_activations(
-    model: HookedTransformer, tokens: torch.Tensor, sites: list[str], batch_size: int = 512
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    sites: list[str],
+    batch_size: int = 512,
+    mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Activations [n_nonpad_positions, d] per site, fp32 on CPU."""
+    """Activations [n_kept_positions, d] per site, fp32 on CPU.
+
+    ``mask`` [n, seq] marks the positions kept (default: the Dyck task's non-PAD positions).
+    Batches of ``batch_size`` sequences bound the memory of the forward pass.
+    """
     check_sites(model, sites)
     model.eval()
     device = next(model.parameters()).device
+    if mask is None:
+        mask = tokens != PAD
     chunks: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
     for start in range(0, tokens.shape[0], batch_size):
         batch = tokens[start : start + batch_size]
-        mask = batch != PAD
-        width = int(mask.sum(1).max())  # causal model: trailing PAD never changes real positions
-        batch, mask = batch[:, :width], mask[:, :width]
+        keep = mask[start : start + batch_size]
+        # causal model: positions after the last kept one never change the kept ones
+        width = int(keep.cumsum(1).argmax(1).max()) + 1
+        batch, keep = batch[:, :width], keep[:, :width]
         _, cache = model.run_with_cache(batch.to(device), names_filter=lambda n: n in chunks)
         for site in sites:
-            chunks[site].append(cache[site][mask.to(device)].float().cpu())
+            chunks[site].append(cache[site][keep.to(device)].float().cpu())
     return {s: torch.cat(c) for s, c in chunks.items()}
 
 

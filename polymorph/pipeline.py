@@ -1,4 +1,9 @@
-"""train(cfg): one seed's job: the Dyck transformer, then its activations and SAEs.
+"""train(cfg): one seed's job: the Dyck transformer (or a pretrained model), then its
+activations and SAEs.
+
+With ``model_source=pretrained`` (the PolyPythias) nothing is trained but the SAEs: the job
+resolves the seed's model at its revision, records where it came from, and goes on to the
+activations and SAEs exactly as for the toy.
 
 Idempotent and resumable: a finished run (``metrics.json`` present) is never
 retrained unless ``retrain=true``; an interrupted one resumes from its last
@@ -21,7 +26,6 @@ from omegaconf import DictConfig, OmegaConf
 from polymorph import __version__
 from polymorph.activations import (
     SiteError,
-    analysis_tokens,
     check_sites,
     collect_activations,
     load_activations,
@@ -44,6 +48,7 @@ from polymorph.models.dyck import (
     freeze_io_parameters,
 )
 from polymorph.tasks.datamodule import DyckDataModule
+from polymorph.token_batches import batch_tokens, is_pretrained, model_source, position_mask
 from polymorph.tracking import build_logger, closing_wandb, log_config
 from polymorph.training.callbacks import RunCheckpoints, StopAfterConvergence
 from polymorph.training.transformer_module import MIN_ACC, DyckTransformerModule
@@ -94,6 +99,10 @@ def versions() -> dict[str, str]:
 def validate_config(cfg: DictConfig) -> None:
     if cfg.stage not in STAGES:
         raise PolymorphError(f"stage={cfg.stage} is unknown; use one of {', '.join(STAGES)}")
+    model_source(cfg)  # raises on an unknown value
+    if is_pretrained(cfg) and cfg.io.mode != "independent":
+        raise PolymorphError("io=shared trains the toy with the anchor's embeddings; a pretrained "
+                             "model has its own: use io=independent with model_source=pretrained")
     if cfg.io.mode not in IO_MODES:
         raise PolymorphError(f"io.mode={cfg.io.mode} is unknown; use io=independent or io=shared")
     for key in ("seed",):
@@ -144,12 +153,16 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         logger = build_logger(cfg.get("logger"), layout.logs, f"seed={cfg.seed}", "train")
         objects["logger"] = logger
         if cfg.stage in ("all", "transformer"):
-            metrics.update(ensure_transformer(cfg, layout, logger))
+            if is_pretrained(cfg):
+                metrics.update(ensure_pretrained(cfg, layout, logger))
+            else:
+                metrics.update(ensure_transformer(cfg, layout, logger))
         if cfg.stage in ("all", "sae"):
             if not layout.is_finished():
                 raise PolymorphError(
                     f"stage=sae needs a finished transformer, but {layout.root} has none; train it "
-                    f"first with: python train.py seed={cfg.seed} name={cfg.name} stage=transformer"
+                    f"(or, for a pretrained model, record it) first with: python train.py "
+                    f"seed={cfg.seed} name={cfg.name} stage=transformer"
                 )
             from polymorph.sae_stage import train_saes_for_run
 
@@ -173,6 +186,54 @@ def ensure_transformer(cfg: DictConfig, layout: RunLayout, logger) -> dict:
         if cfg.io.mode == "shared" and cfg.seed != cfg.io.anchor_seed:
             anchor_io = anchor_io_weights(cfg)
         return _fit(cfg, layout, logger, anchor_io)
+
+
+def ensure_pretrained(cfg: DictConfig, layout: RunLayout, logger) -> dict:
+    """Resolve (fetch if needed) this seed's pretrained model and record it as a finished run.
+
+    Nothing is trained: the run folder records the model id, revision and Hub commit actually
+    loaded, so the SAEs and the analysis can be tied to exact weights.
+    """
+    with file_lock(layout.lock):
+        if cfg.retrain:
+            _discard_transformer_run(layout)
+        check_matches_saved(cfg, layout)
+        if layout.is_finished():
+            log.info("seed %s: pretrained model already recorded in %s", cfg.seed, layout.root)
+            return read_json(layout.final_metrics)
+        start = time.perf_counter()
+        model = instantiate(cfg.model)
+        try:
+            check_sites(model, list(cfg.sites))
+        except SiteError as err:
+            raise PolymorphError(str(err)) from err
+        source = model.polymorph_source.to_dict()
+        n_params = sum(p.numel() for p in model.parameters())
+        atomic_write_text(layout.config, OmegaConf.to_yaml(cfg, resolve=True))
+        info = {
+            "seed": int(cfg.seed),
+            "experiment": str(cfg.name),
+            "model_source": "pretrained",
+            "model": source,
+            "architecture": {k: getattr(model.cfg, k) for k in
+                             ("d_model", "n_layers", "n_heads", "d_mlp", "d_vocab", "n_ctx")},
+            "total_parameters": n_params,
+            "versions": versions(),
+            "status": "finished",
+        }
+        atomic_write_json(layout.run_info, info)
+        log_config(logger, cfg, {"model_id": source["model_id"], "revision": source["revision"],
+                                 "model_commit": source["commit"]})
+        final = {
+            "seed": int(cfg.seed),
+            "pretrained": True,
+            **{f"model_{k}": v for k, v in source.items()},
+            "total_parameters": n_params,
+            "load_seconds": round(time.perf_counter() - start, 2),
+            "definitions": {"pretrained": "no training happened: the model was loaded as published"},
+        }
+        atomic_write_json(layout.final_metrics, final)  # written last: marks the run finished
+        return final
 
 
 def _discard_transformer_run(layout: RunLayout) -> None:
@@ -313,6 +374,9 @@ def load_run_model(layout: RunLayout, which: str = "best"):
     if not layout.config.is_file():
         raise PolymorphError(f"{layout.root} has no config.yaml: not a polymorph run folder")
     cfg = OmegaConf.load(layout.config)
+    if is_pretrained(cfg):  # the weights are the published ones: nothing of ours to load
+        model = instantiate(cfg.model)
+        return model, cfg
     model = instantiate(cfg.model)
     path = {"best": layout.best, "last": layout.last}.get(which, Path(which))
     try:
@@ -330,14 +394,27 @@ def run_activations(cfg: DictConfig, layout: RunLayout, model) -> dict[str, torc
     except SiteError as err:
         raise PolymorphError(str(err)) from err
     a = cfg.activations
-    best_step = read_json(layout.final_metrics).get("best_step")
-    meta = {
-        "n_sequences": str(a.n_sequences),
-        "seed": str(a.seed),
-        "min_len": str(a.min_len),
-        "max_len": str(a.max_len),
-        "checkpoint": f"best (step {best_step})",
-    }
+    final = read_json(layout.final_metrics)
+    if is_pretrained(cfg):
+        corpus = OmegaConf.to_container(cfg.corpus, resolve=True)
+        meta = {
+            "n_sequences": str(a.n_sequences),
+            "seq_len": str(a.seq_len),
+            "offset": str(a.get("offset", 0)),
+            "skip_positions": str(a.get("skip_positions", 1)),
+            "corpus": str(sorted(corpus.items())),
+            "checkpoint": f"{final.get('model_model_id')}@{final.get('model_revision')}",
+        }
+    else:
+        meta = {
+            "n_sequences": str(a.n_sequences),
+            "seed": str(a.seed),
+            "min_len": str(a.min_len),
+            "max_len": str(a.max_len),
+            "checkpoint": f"best (step {final.get('best_step')})",
+        }
+    store_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
+        str(a.get("dtype", "float32"))]
     out, missing = {}, []
     for site in cfg.sites:
         path = layout.activation_file(site)
@@ -348,15 +425,17 @@ def run_activations(cfg: DictConfig, layout: RunLayout, model) -> dict[str, torc
                 with safe_open(str(path), framework="pt") as f:
                     stored = f.metadata() or {}
                 if all(stored.get(k) == v for k, v in meta.items()):
-                    out[site] = load_activations(path)
+                    out[site] = load_activations(path).float()
                     continue
             except Exception as err:  # noqa: BLE001 - an unreadable cache is recomputed
                 log.warning("activation cache %s unreadable (%s): recomputing it", path, err)
         missing.append(site)
     if missing:
-        tokens = analysis_tokens(a.n_sequences, a.seed, a.min_len, a.max_len)
-        fresh = collect_activations(model, tokens, missing, batch_size=a.batch_size)
+        tokens = batch_tokens(cfg, a, layout.root.parent, getattr(model, "tokenizer", None))
+        mask = position_mask(cfg, tokens, a)
+        fresh = collect_activations(model, tokens, missing, batch_size=a.batch_size, mask=mask)
         for site, acts in fresh.items():
-            save_activations(layout.activation_file(site), acts, {**meta, "site": site})
-            out[site] = acts
+            # stored at activations.dtype (float16 halves the disk for d=512); used as float32
+            save_activations(layout.activation_file(site), acts.to(store_dtype), {**meta, "site": site})
+            out[site] = acts.to(store_dtype).float()
     return {s: out[s] for s in cfg.sites}

@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def sae_model_name(cfg: DictConfig) -> str:
+    """The ``model_name`` recorded in the SAE's cfg.json: which model's activations it reads."""
+    from polymorph.token_batches import is_pretrained
+
+    if is_pretrained(cfg):
+        return f"{cfg.model.model_id}@{cfg.model.revision}"
     return f"polymorph-dyck/{cfg.name}/seed={cfg.seed}"
 
 
@@ -60,6 +65,7 @@ def train_saes_for_run(cfg: DictConfig, layout: RunLayout, logger) -> dict:
             model_name=sae_model_name(cfg),
             progress_bar=bool(cfg.trainer.get("enable_progress_bar", True)),
             logger=False,
+            accelerator=str(cfg.trainer.get("accelerator", "cpu")),
             default_root_dir=str(layout.logs),
         )
         metrics = evaluate_sae(sae, acts[site])

@@ -23,10 +23,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from polymorph.activations import SiteError, analysis_tokens, check_sites, collect_activations
+from polymorph.activations import SiteError, check_sites, collect_activations
 from polymorph.align.procrustes import Rotation, fit_rotation
 from polymorph.errors import PolymorphError
 from polymorph.layout import RunLayout, find_seed_runs
+from polymorph.token_batches import batch_tokens, is_pretrained, position_mask
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class AnalysisContext:
     run_configs: dict[int, DictConfig]
     sites: list[str]
     pairs: list[tuple[int, int]]
-    tokens: dict[str, torch.Tensor]  # "fit" / "eval" -> [n_sequences, 64]
+    tokens: dict[str, torch.Tensor]  # "fit" / "eval" -> [n_sequences, length]
+    masks: dict[str, torch.Tensor]  # "fit" / "eval" -> which positions give activation rows
     acts: dict[str, dict[int, dict[str, torch.Tensor]]]  # batch -> seed -> site -> [n, d]
     rotations: dict[tuple[int, int, str], Rotation]
     saes: dict[int, dict[str, Any]]  # seed -> site -> polymorph.sae.io.SavedSAE
@@ -65,6 +67,20 @@ class AnalysisContext:
 
     def scoring_acts(self, seed: int, site: str) -> torch.Tensor:
         return self.acts[self.score_batch][seed][site]
+
+    def collect(self, model, batch: str, sites: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Activations of any model on the context's ``batch`` ("fit" / "eval"), rows aligned
+        with ``acts[batch]`` (same tokens, same kept positions)."""
+        return collect_activations(model, self.tokens[batch], list(sites or self.sites),
+                                   batch_size=self.batch_size, mask=self.masks[batch])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.cfg.analysis.get("batch_size") or 512)
+
+    @property
+    def pretrained(self) -> bool:
+        return is_pretrained(self.cfg)
 
     def rotation(self, a: int, b: int, site: str) -> Rotation:
         """The rotation mapping seed b's activations into seed a's frame at ``site``."""
@@ -118,13 +134,18 @@ def _finished_runs(cfg: DictConfig, root: Path) -> dict[int, RunLayout]:
     return dict(sorted(finished.items()))
 
 
+def _comparable(config: DictConfig, key: str):
+    value = OmegaConf.to_container(config[key], resolve=True)
+    if key == "model" and is_pretrained(config) and isinstance(value, dict):
+        value.pop("model_id", None)  # each PolyPythia seed is its own repository
+    return value
+
+
 def _check_comparable(configs: dict[int, DictConfig]) -> None:
     first_seed = next(iter(configs))
     for key in COMPARABLE_KEYS:
-        ref = OmegaConf.to_container(configs[first_seed][key], resolve=True)
-        differing = [
-            s for s, c in configs.items() if OmegaConf.to_container(c[key], resolve=True) != ref
-        ]
+        ref = _comparable(configs[first_seed], key)
+        differing = [s for s, c in configs.items() if _comparable(c, key) != ref]
         if differing:
             raise PolymorphError(
                 f"runs disagree on `{key}`: seed {first_seed} has {ref}, seeds {differing} differ; "
@@ -162,14 +183,20 @@ def build_context(cfg: DictConfig, root: Path, out_dir: Path, show_progress: boo
     except SiteError as err:
         raise PolymorphError(str(err)) from err
 
-    tokens = {
-        name: analysis_tokens(b.n_sequences, b.seed, b.min_len, b.max_len)
-        for name, b in (("fit", a.fit_batch), ("eval", a.eval_batch))
-    }
+    experiment_dir = root / str(cfg.name)
+    tokenizer = getattr(models[anchor], "tokenizer", None)
+    specs = {"fit": a.fit_batch, "eval": a.eval_batch}
+    tokens = {name: batch_tokens(cfg, spec, experiment_dir, tokenizer) for name, spec in specs.items()}
+    masks = {name: position_mask(cfg, tokens[name], specs[name]) for name in specs}
+    if is_pretrained(cfg):
+        _check_disjoint(cfg, specs)
+    batch_size = int(a.get("batch_size") or 512)
     acts: dict[str, dict[int, dict[str, torch.Tensor]]] = {"fit": {}, "eval": {}}
     for seed in tqdm(seeds, desc="activations", disable=not show_progress):
         for name in ("fit", "eval"):
-            acts[name][seed] = collect_activations(models[seed], tokens[name], sites)
+            acts[name][seed] = collect_activations(
+                models[seed], tokens[name], sites, batch_size=batch_size, mask=masks[name]
+            )
 
     if a.pairs == "anchor":
         pairs = [(anchor, s) for s in seeds if s != anchor]
@@ -204,7 +231,7 @@ def build_context(cfg: DictConfig, root: Path, out_dir: Path, show_progress: boo
         log.warning("missing: %s", m)
     return AnalysisContext(
         cfg=cfg,
-        experiment_dir=root / str(cfg.name),
+        experiment_dir=experiment_dir,
         out_dir=out_dir,
         anchor=anchor,
         seeds=seeds,
@@ -214,6 +241,7 @@ def build_context(cfg: DictConfig, root: Path, out_dir: Path, show_progress: boo
         sites=sites,
         pairs=pairs,
         tokens=tokens,
+        masks=masks,
         acts=acts,
         rotations=rotations,
         saes=saes,
@@ -223,3 +251,21 @@ def build_context(cfg: DictConfig, root: Path, out_dir: Path, show_progress: boo
         missing=missing,
         show_progress=show_progress,
     )
+
+
+def _check_disjoint(cfg: DictConfig, specs: dict) -> None:
+    """Corpus slices for SAE training, fitting and scoring must not overlap (held-out scores)."""
+    spans = {"SAE training (activations)": cfg.activations, **{f"analysis.{k}_batch": v for k, v in specs.items()}}
+    ranges = {}
+    for name, spec in spans.items():  # token ranges of the packed stream
+        start, n, length = int(spec.get("offset", 0)), int(spec.n_sequences), int(spec.seq_len)
+        ranges[name] = (start * length, (start + n) * length)
+    items = list(ranges.items())
+    for i, (na, (a0, a1)) in enumerate(items):
+        for nb, (b0, b1) in items[i + 1:]:
+            if a0 < b1 and b0 < a1:
+                raise PolymorphError(
+                    f"corpus slices overlap: {na} reads tokens {a0}..{a1 - 1} of the packed "
+                    f"stream, {nb} reads {b0}..{b1 - 1}; give them disjoint offsets (offset counts "
+                    f"windows of seq_len tokens) so every score is held out"
+                )

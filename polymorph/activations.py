@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from polymorph.tasks.dyck import PAD, generate_training_tokens
@@ -52,6 +53,7 @@ def collect_activations(
     sites: list[str],
     batch_size: int = 512,
     mask: torch.Tensor | None = None,
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Activations [n_kept_positions, d] per site, fp32 on CPU.
 
@@ -64,7 +66,8 @@ def collect_activations(
     if mask is None:
         mask = tokens != PAD
     chunks: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
-    for start in range(0, tokens.shape[0], batch_size):
+    starts = range(0, tokens.shape[0], batch_size)
+    for start in tqdm(starts, desc="activations", unit="batch", disable=not progress, leave=False):
         batch = tokens[start : start + batch_size]
         keep = mask[start : start + batch_size]
         # causal model: positions after the last kept one never change the kept ones

@@ -433,7 +433,8 @@ def run_activations(cfg: DictConfig, layout: RunLayout, model) -> dict[str, torc
     if missing:
         tokens = batch_tokens(cfg, a, layout.root.parent, getattr(model, "tokenizer", None))
         mask = position_mask(cfg, tokens, a)
-        fresh = collect_activations(model, tokens, missing, batch_size=a.batch_size, mask=mask)
+        fresh = collect_activations(model, tokens, missing, batch_size=a.batch_size, mask=mask,
+                                    progress=bool(cfg.trainer.get("enable_progress_bar", True)))
         for site, acts in fresh.items():
             # stored at activations.dtype (float16 halves the disk for d=512); used as float32
             save_activations(layout.activation_file(site), acts.to(store_dtype), {**meta, "site": site})

@@ -64,7 +64,7 @@ def corpus_batch(cfg: DictConfig, spec: DictConfig, experiment_dir: Path, tokeni
         raise PolymorphError("a corpus batch needs the model's tokenizer")
     corpus = CorpusConfig.from_dict(OmegaConf.to_container(cfg.corpus, resolve=True))
     n, seq_len, offset = int(spec.n_sequences), int(spec.seq_len), int(spec.get("offset", 0))
-    tok_name = str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__))
+    tok_name = tokenizer_fingerprint(tokenizer)
     key = f"{corpus.fingerprint(tok_name, seq_len)}-offset{offset}-n{n}"
     folder = corpus_cache_dir(experiment_dir)
     path = folder / f"{key}.safetensors"
@@ -83,6 +83,17 @@ def corpus_batch(cfg: DictConfig, spec: DictConfig, experiment_dir: Path, tokeni
         save_file({"tokens": tokens.contiguous()}, str(tmp), metadata=meta)
         tmp.replace(path)
     return tokens
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identifies a tokenizer by its vocabulary, not its folder: every PolyPythia seed has its
+    own copy of one tokenizer, and all must share one cached corpus batch."""
+    import hashlib
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items())
+    blob = json.dumps([vocab, tokenizer.eos_token_id]).encode()
+    return f"{type(tokenizer).__name__}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
 def position_mask(cfg: DictConfig, tokens: torch.Tensor, spec: DictConfig | None = None) -> torch.Tensor:

@@ -13,6 +13,10 @@ model's activations in the context were collected on, so rows align). Per checkp
 * ``sae``: the final model's SAE at that site applied to the checkpoint's activations, naive
   (as they are) and rotated (mapped into the final frame by R), both EV definitions.
 
+For a pretrained model (``model_source=pretrained``, the PolyPythias) there are no saved steps
+of ours: ``revisions`` lists the published revisions (``step{N}``) of the seed to follow instead,
+each loaded with the run's own model config at that revision.
+
 A frame that only rotates during training shows a large ||R - I||_F with a rotated EV near 1;
 a frame that settles early shows ||R - I||_F falling to 0 long before the last step.
 """
@@ -25,7 +29,11 @@ from pathlib import Path
 
 import torch
 
-from polymorph.activations import collect_activations
+import re
+from functools import partial
+
+from hydra.utils import instantiate
+
 from polymorph.align.haar import diagnose, haar_null
 from polymorph.align.metrics import EV_DEFINITIONS, explained_variance
 from polymorph.align.procrustes import Rotation, fit_rotation, score_alignment
@@ -95,6 +103,10 @@ def sae_evs(sae, x: torch.Tensor) -> dict[str, float]:
     return explained_variance(recon, x)
 
 
+def _load_revision(model_cfg, revision: str):
+    return instantiate(model_cfg, revision=revision)
+
+
 class CheckpointDrift(AnalysisCallback):
     """Drift of one seed's frame over its kept training checkpoints.
 
@@ -104,17 +116,19 @@ class CheckpointDrift(AnalysisCallback):
             whose final-model activations the context already holds.
         max_checkpoints: follow at most this many kept checkpoints, evenly spaced over the
             run, always keeping the first, the last and the best (None: all of them).
+        revisions: pretrained models only: the revisions (``step{N}``) to follow.
     """
 
     name = "checkpoint_drift"
 
     def __init__(self, seed: int | None = None, sites=None,
-                 max_checkpoints: int | None = None) -> None:
+                 max_checkpoints: int | None = None, revisions=None) -> None:
         if max_checkpoints is not None and int(max_checkpoints) < 2:
             raise ValueError(f"max_checkpoints must be None (all) or >= 2, got {max_checkpoints}")
         self.seed = None if seed is None else int(seed)
         self.sites = None if sites is None else [str(s) for s in sites]
         self.max_checkpoints = None if max_checkpoints is None else int(max_checkpoints)
+        self.revisions = None if revisions is None else [str(r) for r in revisions]
 
     def _resolve(self, ctx) -> tuple[int, list[str]]:
         seed = ctx.anchor if self.seed is None else self.seed
@@ -137,22 +151,47 @@ class CheckpointDrift(AnalysisCallback):
             picks.add(best)
         return sorted(picks)
 
-    @torch.no_grad()
-    def run(self, ctx) -> dict:
+    def _checkpoints(self, ctx, seed: int) -> dict[int, tuple[str, object]]:
+        """step -> (label, a function loading that checkpoint's model)."""
         from polymorph.pipeline import load_run_model
 
+        layout = ctx.runs[seed]
+        if not ctx.pretrained:
+            if self.revisions:
+                raise PolymorphError("checkpoint_drift.revisions is for pretrained models "
+                                     "(model_source=pretrained); a trained run follows its own "
+                                     "saved step checkpoints: drop the setting")
+            return {step: (path.name, partial(load_run_model, layout, str(path)))
+                    for step, path in layout.step_checkpoints().items()}
+        model_cfg = ctx.run_configs[seed].model
+        out = {}
+        for rev in self.revisions or []:
+            m = re.fullmatch(r"step(\d+)", rev)
+            if m is None:
+                raise PolymorphError(f"checkpoint_drift.revisions: {rev!r} is not a step{{N}} "
+                                     f"revision (e.g. step1000)")
+            out[int(m.group(1))] = (rev, partial(_load_revision, model_cfg, rev))
+        return out
+
+    @torch.no_grad()
+    def run(self, ctx) -> dict:
         seed, sites = self._resolve(ctx)
         layout = ctx.runs[seed]
-        kept = layout.step_checkpoints()
+        kept = self._checkpoints(ctx, seed)
         notes: list[str] = []
         index = {}
-        if layout.checkpoint_index.is_file():
+        if ctx.pretrained:
+            notes.append(f"pretrained model: following revisions {self.revisions} of seed {seed} "
+                         f"against {ctx.run_configs[seed].model.revision}; no val_min_acc")
+        elif layout.checkpoint_index.is_file():
             try:
                 index = read_json(layout.checkpoint_index)
             except CheckpointError as err:
                 notes.append(f"unreadable checkpoint index ({err}): val_min_acc is null")
         else:
             notes.append(f"no checkpoint index at {layout.checkpoint_index}: val_min_acc is null")
+        if ctx.pretrained and not kept:
+            notes.append("no revisions configured (checkpoint_drift.revisions=[step1000,...])")
         best_step = None
         if layout.final_metrics.is_file():
             best_step = read_json(layout.final_metrics).get("best_step")
@@ -175,12 +214,16 @@ class CheckpointDrift(AnalysisCallback):
         rows_steps = []
         previous = None
         for step in ctx.progress(steps, desc=f"checkpoint_drift (seed {seed})"):
-            model, _ = load_run_model(layout, str(kept[step]))
-            acts = {"fit": collect_activations(model, ctx.tokens["fit"], sites)}
-            acts[score] = (acts["fit"] if score == "fit"
-                           else collect_activations(model, ctx.tokens[score], sites))
+            label, load = kept[step]
+            model = load()
+            if isinstance(model, tuple):  # load_run_model returns (model, config)
+                model = model[0]
+            acts = {"fit": ctx.collect(model, "fit", sites)}
+            acts[score] = acts["fit"] if score == "fit" else ctx.collect(model, score, sites)
+            del model
             val = index.get(str(step), {}).get(MIN_ACC)
-            rows_steps.append({"step": step, "val_min_acc": val, "is_best": step == best_step})
+            rows_steps.append({"step": step, "checkpoint": label, "val_min_acc": val,
+                               "is_best": step == best_step})
             for site in sites:
                 to_final, rot = rotation_summary(acts["fit"][site], final["fit"][site],
                                                  acts[score][site], final[score][site],
@@ -202,7 +245,7 @@ class CheckpointDrift(AnalysisCallback):
                                        "is_best": step == best_step, "to_final": to_final,
                                        "from_previous": from_prev, "sae": sae})
             previous = acts
-        if not kept:
+        if not kept and not ctx.pretrained:
             notes.append(f"{layout.checkpoints} holds no step checkpoints: nothing to follow")
         return {
             "seed": seed,

@@ -65,7 +65,7 @@ class Convergence(AnalysisCallback):
             for seed in sorted({s for p in pairs for s in p}):
                 model, _ = load_run_model(ctx.runs[seed], str(ctx.runs[seed].step_checkpoint(step)))
                 acts[seed] = {
-                    name: collect_activations(model, ctx.tokens[name], sites)
+                    name: ctx.collect(model, name, sites)
                     for name in {"fit", ctx.score_batch}
                 }
             for a, b in pairs:

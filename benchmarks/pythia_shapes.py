@@ -89,9 +89,10 @@ def main() -> None:
 
     x = acts[sites[3]]
     x = x.repeat(max(1, 4096 * 2 // x.shape[0] + 1), 1)[: 65280]
-    cfg = SAETrainConfig.from_dict(dict(
-        architecture="relu_l1", expansion=8, l1_coefficient=1e-5, k=None, lr=5e-4, batch_size=4096,
-        steps=args.sae_steps, init_seed="shared", shared_init_seed=0, data_seed=0))
+    cfg = SAETrainConfig.from_dict({
+        "architecture": "relu_l1", "expansion": 8, "l1_coefficient": 1e-5, "k": None, "lr": 5e-4,
+        "batch_size": 4096, "steps": args.sae_steps, "init_seed": "shared", "shared_init_seed": 0,
+        "data_seed": 0})
     t0 = time.perf_counter()
     train_sae(x, cfg, init_seed=0, hook_name=sites[3], model_name="bench", progress_bar=False)
     sae_s = time.perf_counter() - t0

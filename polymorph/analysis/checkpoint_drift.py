@@ -24,14 +24,12 @@ a frame that settles early shows ||R - I||_F falling to 0 long before the last s
 from __future__ import annotations
 
 import math
+import re
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
-
-import re
-from functools import partial
-
 from hydra.utils import instantiate
 
 from polymorph.align.haar import diagnose, haar_null

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from polymorph.activations import collect_activations
 from polymorph.align.maps import fit_map, score_map
 from polymorph.analysis.base import AnalysisCallback
 from polymorph.analysis.plots import plt, save

@@ -105,8 +105,8 @@ def _resolve_hub(model_id: str, revision: str | None) -> ResolvedModel:
                                         local_files_only=True))
         if _has_weights(folder):
             return ResolvedModel(model_id, rev, folder, "hub-cache", folder.name)
-    except Exception:  # noqa: BLE001 - not cached (or only partly): try the Hub below
-        pass
+    except Exception as err:  # noqa: BLE001 - not cached (or only partly): try the Hub below
+        log.debug("%s@%s not in the Hugging Face cache: %s", model_id, rev, err)
     if offline():
         raise PolymorphError(
             f"model {model_id} at revision {rev} is not in the local Hugging Face cache and "
@@ -120,7 +120,7 @@ def _resolve_hub(model_id: str, revision: str | None) -> ResolvedModel:
         if not _has_weights(folder):  # older revisions ship only pytorch_model.bin
             folder = Path(snapshot_download(model_id, revision=rev,
                                             allow_patterns=_SNAPSHOT_PATTERNS + ["*.bin"]))
-    except Exception as err:  # noqa: BLE001 - every Hub failure becomes one actionable message
+    except Exception as err:
         raise PolymorphError(
             f"cannot load model {model_id} at revision {rev} ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); check the id and revision on "
@@ -171,7 +171,7 @@ def load_pretrained(
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
         tok = AutoTokenizer.from_pretrained(tok_source)
-    except Exception as err:  # noqa: BLE001 - a broken snapshot gets a message naming it
+    except Exception as err:
         raise PolymorphError(
             f"{model_id}@{revision}: cannot read the model or tokenizer in {folder} "
             f"({type(err).__name__}: {err}); delete that folder to fetch it again"

@@ -58,7 +58,7 @@ def stream_documents(corpus: CorpusConfig) -> Iterator[str]:
             corpus.path, corpus.name, data_files=corpus.data_files, split=corpus.split,
             streaming=True,
         )
-    except Exception as err:  # noqa: BLE001 - offline / unknown dataset: one actionable message
+    except Exception as err:
         raise PolymorphError(
             f"cannot open the corpus {corpus.path!r} (name={corpus.name}, split={corpus.split}, "
             f"data_files={corpus.data_files}): {type(err).__name__}: "
@@ -78,7 +78,7 @@ def stream_documents(corpus: CorpusConfig) -> Iterator[str]:
                 yield text
     except PolymorphError:
         raise
-    except Exception as err:  # noqa: BLE001 - network loss mid-stream
+    except Exception as err:
         raise PolymorphError(
             f"reading the corpus {corpus.path!r} failed ({type(err).__name__}: {err}); with no "
             f"network use local files (corpus.path=json corpus.data_files=...)"

@@ -16,7 +16,15 @@ import json
 import random
 from pathlib import Path
 
-WORDS = ["the", "a", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "cat", "dog", "bird", "fish", "tree", "river", "mountain", "city", "house", "road", "happy", "sad", "good", "bad", "great", "terrible", "love", "hate", "red", "green", "blue", "alice", "bob", "carol", "dave", "eve", "paris", "london", "rome", "tokyo", "runs", "walks", "sees", "eats", "sleeps", "is", "was", "and", "or", "but", "because", "very", "not", "big", "small", "old", "new", "quickly", "slowly", "number", "name", "colour"]
+WORDS = [
+    "the", "a", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "cat", "dog", "bird", "fish", "tree", "river", "mountain", "city", "house", "road",
+    "happy", "sad", "good", "bad", "great", "terrible", "love", "hate", "red", "green",
+    "blue", "alice", "bob", "carol", "dave", "eve", "paris", "london", "rome", "tokyo",
+    "runs", "walks", "sees", "eats", "sleeps", "is", "was", "and", "or", "but", "because",
+    "very", "not", "big", "small", "old", "new", "quickly", "slowly", "number", "name",
+    "colour",
+]
 EOS = "<|endoftext|>"
 UNK = "<unk>"
 

@@ -91,7 +91,8 @@ def resolve_model(model_id: str, revision: str | None = None) -> ResolvedModel:
         raise PolymorphError(
             f"model {model_id!r} at revision {revision!r}: no Hugging Face model folder (config.json "
             f"+ weights) at {' or '.join(str(c) for c in candidates)}; local revisions live in "
-            f"sub-folders named after the revision (e.g. {base}/step143000/)"
+            f"sub-folders named after the revision (e.g. {base}/step143000/), or pass "
+            f"model.revision=main to load {base} itself"
         )
     return _resolve_hub(model_id, revision)
 

@@ -74,6 +74,22 @@ def output_root(cfg: DictConfig) -> Path:
     return root
 
 
+def build_model(model_cfg: DictConfig, **overrides):
+    """``instantiate(cfg.model)``, letting a PolymorphError from the builder (e.g. a model that
+    cannot be fetched) reach the user as itself rather than wrapped in Hydra's exception."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(model_cfg, **overrides)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, PolymorphError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
 def run_layout(cfg: DictConfig, seed: int | None = None) -> RunLayout:
     return RunLayout.for_seed(output_root(cfg), str(cfg.name), int(cfg.seed if seed is None else seed))
 
@@ -202,7 +218,7 @@ def ensure_pretrained(cfg: DictConfig, layout: RunLayout, logger) -> dict:
             log.info("seed %s: pretrained model already recorded in %s", cfg.seed, layout.root)
             return read_json(layout.final_metrics)
         start = time.perf_counter()
-        model = instantiate(cfg.model)
+        model = build_model(cfg.model)
         try:
             check_sites(model, list(cfg.sites))
         except SiteError as err:
@@ -279,7 +295,7 @@ def anchor_io_weights(cfg: DictConfig) -> dict[str, torch.Tensor]:
 
 def _fit(cfg: DictConfig, layout: RunLayout, logger, anchor_io: dict | None) -> dict:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    model = instantiate(cfg.model)
+    model = build_model(cfg.model)
     if anchor_io is not None:
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -375,9 +391,9 @@ def load_run_model(layout: RunLayout, which: str = "best"):
         raise PolymorphError(f"{layout.root} has no config.yaml: not a polymorph run folder")
     cfg = OmegaConf.load(layout.config)
     if is_pretrained(cfg):  # the weights are the published ones: nothing of ours to load
-        model = instantiate(cfg.model)
+        model = build_model(cfg.model)
         return model, cfg
-    model = instantiate(cfg.model)
+    model = build_model(cfg.model)
     path = {"best": layout.best, "last": layout.last}.get(which, Path(which))
     try:
         load_weights(model, path)

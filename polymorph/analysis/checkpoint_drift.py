@@ -30,7 +30,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 
 from polymorph.align.haar import diagnose, haar_null
 from polymorph.align.metrics import EV_DEFINITIONS, explained_variance
@@ -102,7 +101,9 @@ def sae_evs(sae, x: torch.Tensor) -> dict[str, float]:
 
 
 def _load_revision(model_cfg, revision: str):
-    return instantiate(model_cfg, revision=revision)
+    from polymorph.pipeline import build_model
+
+    return build_model(model_cfg, revision=revision)
 
 
 class CheckpointDrift(AnalysisCallback):

@@ -204,3 +204,14 @@ def test_pythia_cli_train_then_analyze(tiny_pythia, tmp_path):
     assert analysis.returncode == 0, analysis.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "polypythia" / "analysis" / "results.json").read_text())
     assert results["meta"]["context"]["seeds"] == [1, 2] and not results["meta"]["partial"]
+
+
+def test_pythia_cli_offline_error_is_one_clear_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "train.py", "seed=4", "experiment=polypythia",
+                           "logger=none", f"paths.root={tmp_path}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model EleutherAI/pythia-70m-seed4 at revision step143000")
+    assert "snapshot_download" in last and "Traceback" not in proc.stderr

@@ -52,7 +52,7 @@ import torch
 
 from polymorph.align.transfer import transfer_vector
 from polymorph.analysis.base import AnalysisCallback
-from polymorph.analysis.lm_function_match import kept_logits, kl_sum
+from polymorph.analysis.lm_function_match import KLReference, kept_logits
 from polymorph.analysis.plots import COLOURS, plt, save
 from polymorph.analysis.steering import (
     CLEAN_RANGE,
@@ -313,9 +313,9 @@ class LMSteering(AnalysisCallback):
     def _effects(self, ctx, deltas, tokens, mask) -> dict[int, dict[tuple, float]]:
         """Sum over kept positions of KL(clean || steered) per (model, condition).
 
-        Chunk by chunk (``ctx.batch_size`` windows): the clean logits of a chunk are computed
-        once and compared with every steered run of that model on the chunk, so at most two
-        logit tensors are alive.
+        Chunk by chunk (``ctx.batch_size`` windows): the clean distributions of a chunk are
+        computed once and compared with every steered run of that model on the chunk, so at most
+        one clean and one steered chunk are alive.
         """
         site = self.site
         sums = {seed: dict.fromkeys(conds, 0.0) for seed, conds in deltas.items()}
@@ -324,15 +324,15 @@ class LMSteering(AnalysisCallback):
         for seed, start in ctx.progress(work, desc="lm_steering (seed, chunk)"):
             model = ctx.models[seed]
             chunk, keep = tokens[start : start + ctx.batch_size], mask[start : start + ctx.batch_size]
-            clean = kept_logits(model, chunk, keep)
+            clean = KLReference(kept_logits(model, chunk, keep))
             for cond, delta in deltas[seed].items():
-                add = delta.to(clean.device, torch.float32)
+                add = delta.to(clean.logits.device, torch.float32)
 
                 def steer(act, hook, add=add):
                     return act + add.to(act.dtype)
 
                 steered = kept_logits(model, chunk, keep, fwd_hooks=[(site, steer)])
-                sums[seed][cond] += kl_sum(clean, steered)
+                sums[seed][cond] += clean.kl_sum(steered)
                 del steered
         return sums
 

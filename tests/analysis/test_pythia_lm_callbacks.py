@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from polymorph.align.procrustes import Rotation
-from polymorph.analysis.lm_function_match import LMFunctionMatch
+from polymorph.analysis.lm_function_match import LMFunctionMatch, kl_sum
 from polymorph.analysis.lm_steering import LMSteering
 from polymorph.errors import PolymorphError
 from tests.conftest import CONF_DIR, compose
@@ -96,6 +96,16 @@ def reading_along(model, direction: torch.Tensor, scale: float = 2.0):
 
 
 # -- lm_function_match ------------------------------------------------------------------------
+
+
+def test_pythia_lm_kl_matches_two_log_softmaxes():
+    """The cached-reference KL formula against the textbook one, past one row slice."""
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(700, 90, generator=g) * 4, torch.randn(700, 90, generator=g) * 4
+    lp, lq = torch.log_softmax(p.double(), -1), torch.log_softmax(q.double(), -1)
+    direct = float((lp.exp() * (lp - lq)).sum())
+    assert kl_sum(p, q) == pytest.approx(direct, rel=1e-6)
+    assert kl_sum(p, p) == 0.0
 
 
 def test_pythia_lm_function_match_self_is_zero_kl_full_agreement(lm_context):

@@ -1,7 +1,8 @@
 """lm_function_match: do the language-model seeds compute the same function?
 
 The PolyPythias counterpart of :mod:`polymorph.analysis.function_match`. Per pair (a, b), on the
-analysis eval batch (corpus windows) at the positions the analysis keeps (``ctx.masks``, i.e. all
+analysis eval batch (``ctx.score_batch``: the fit batch only with ``analysis.score_on=fit``),
+corpus windows, at the positions the analysis keeps (``ctx.masks``, i.e. all
 but each window's attention-sink position):
 
 * next-token top-1 agreement: the fraction of positions where both seeds' most likely next token
@@ -166,7 +167,7 @@ class LMFunctionMatch(AnalysisCallback):
     """Next-token agreement and KL between seeds, with each seed's own loss.
 
     Args:
-        n_sequences: compare on the first n windows of the eval batch only (None: all of it).
+        n_sequences: compare on the first n windows of the scored batch only (None: all).
     """
 
     name = "lm_function_match"
@@ -177,7 +178,8 @@ class LMFunctionMatch(AnalysisCallback):
         self.n_sequences = None if n_sequences is None else int(n_sequences)
 
     def run(self, ctx) -> dict:
-        tokens, mask = ctx.tokens["eval"], ctx.masks["eval"]
+        batch = ctx.score_batch
+        tokens, mask = ctx.tokens[batch], ctx.masks[batch]
         if self.n_sequences is not None:
             tokens, mask = tokens[: self.n_sequences], mask[: self.n_sequences]
         found = compare_models(ctx.models, list(ctx.pairs), tokens, mask, ctx.batch_size,
@@ -196,7 +198,7 @@ class LMFunctionMatch(AnalysisCallback):
         }
         return {
             "definitions": {
-                "positions": "the kept positions of the eval batch (ctx.masks['eval']: every "
+                "positions": "the kept positions of the scored batch (ctx.masks[batch]: every "
                 "position but the first skip_positions of each corpus window)",
                 "top1_agreement": "fraction of positions where argmax_v p_a(v) == argmax_v p_b(v), "
                 "p = softmax of the next-token logits",
@@ -208,6 +210,7 @@ class LMFunctionMatch(AnalysisCallback):
                 "top1_accuracy": "fraction of those positions where argmax p == x_{t+1}",
                 "pair": "(a, b) as in ctx.pairs (a: the anchor with analysis.pairs=anchor)",
             },
+            "batch": batch,
             "n_sequences": int(tokens.shape[0]),
             "pairs": pairs,
             "seeds": seeds,
@@ -239,8 +242,8 @@ class LMFunctionMatch(AnalysisCallback):
         for ax in axes:
             ax.set_xlabel("pair (a-b)")
             ax.tick_params(axis="x", labelsize=7, rotation=45 if len(pairs) > 6 else 0)
-        fig.suptitle(f"do the seeds predict the same next token? ({result['n_sequences']} eval "
-                     "windows)", fontsize=9)
+        fig.suptitle(f"do the seeds predict the same next token? ({result['n_sequences']} "
+                     f"{result['batch']} windows)", fontsize=9)
         return [save(fig, fig_dir / FIGURE_FILE)]
 
     def report(self, ctx, result: dict, figures) -> str:
@@ -249,12 +252,12 @@ class LMFunctionMatch(AnalysisCallback):
             "## Do the seeds compute the same function? (`lm_function_match`)",
             "",
             (
-                "Next-token predictions of each pair on the kept positions of the eval batch "
-                f"({result['n_sequences']} corpus windows): top-1 agreement, mean KL(p_a || p_b) "
-                "in nats, and each seed's own next-token loss for context. Across pairs: top-1 "
-                f"agreement {s['min_top1_agreement']:.4f} at worst ({s['mean_top1_agreement']:.4f}"
-                f" on average), mean KL {s['max_mean_kl']:.4f} at worst; mean loss "
-                f"{s['mean_loss']:.4f}."
+                "Next-token predictions of each pair on the kept positions of the "
+                f"{result['batch']} batch ({result['n_sequences']} corpus windows): top-1 "
+                "agreement, mean KL(p_a || p_b) in nats, and each seed's own next-token loss for "
+                f"context. Across pairs: top-1 agreement {s['min_top1_agreement']:.4f} at worst "
+                f"({s['mean_top1_agreement']:.4f} on average), mean KL {s['max_mean_kl']:.4f} "
+                f"at worst; mean loss {s['mean_loss']:.4f}."
             ),
             "",
             "| pair | top-1 agreement | mean KL (nats) | loss a | loss b |",

@@ -182,10 +182,10 @@ def test_pythia_lm_steering_two_seeds_outputs(lm_context, tmp_path):
     result = cb.run(ctx)
     assert result["site"] == SITE and result["seeds"] == [2]
     assert result["n_positions"] == int(ctx.masks["eval"][:8].sum())
-    acts = ctx.acts["eval"][1][SITE].double()
+    mean_norm = float(ctx.acts["eval"][1][SITE].double().norm(dim=1).mean())
     for entry in result["sets"].values():
         assert entry["norm"] > 0
-        assert entry["relative_norm"] == pytest.approx(entry["norm"] / float(acts.norm(dim=1).mean()))
+        assert entry["relative_norm"] == pytest.approx(entry["norm"] / mean_norm)
         within = entry["within"]["effect"]
         assert all(b > a > 0 for a, b in itertools.pairwise(within)), within
         (row,) = entry["cross"]

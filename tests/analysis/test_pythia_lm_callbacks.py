@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from polymorph.align.procrustes import Rotation
+from polymorph.align.procrustes import Rotation, fit_rotation
 from polymorph.analysis.lm_function_match import LMFunctionMatch, kl_sum
 from polymorph.analysis.lm_steering import LMSteering
 from polymorph.errors import PolymorphError
@@ -95,6 +95,56 @@ def reading_along(model, direction: torch.Tensor, scale: float = 2.0):
     return planted
 
 
+def ones_fixing_rotation(d: int, seed: int = 0) -> torch.Tensor:
+    """A random orthogonal Q [d, d] (float64) with Q 1 = 1: it commutes with LayerNorm's
+    centring, and the tiny models' LayerNorms are still at their init (weight 1, bias 0), so
+    rotating the residual stream by Q leaves every LayerNorm equivariant."""
+    g = torch.Generator().manual_seed(seed)
+    one = torch.ones(d, 1, dtype=torch.float64) / d**0.5
+    start = torch.cat([one, torch.randn(d, d - 1, generator=g, dtype=torch.float64)], dim=1)
+    basis = torch.linalg.qr(start)[0][:, 1:]  # orthonormal basis of 1's complement
+    m = torch.linalg.qr(torch.randn(d - 1, d - 1, generator=g, dtype=torch.float64))[0]
+    return one @ one.T + basis @ m @ basis.T
+
+
+def rotate_residual(model, q: torch.Tensor):
+    """METHOD.md's planted rotation: writers into the residual stream times Q on the right,
+    readers times Q^T on the left. Same function, residual activations x Q."""
+    new, q = copy.deepcopy(model), q.float()
+    with torch.no_grad():
+        new.embed.W_E.copy_(new.embed.W_E @ q)
+        for block in new.blocks:
+            for name in ("W_Q", "W_K", "W_V"):
+                w = getattr(block.attn, name)
+                w.copy_(torch.einsum("ed,hdk->hek", q.T, w))
+            block.attn.W_O.copy_(block.attn.W_O @ q)
+            block.attn.b_O.copy_(block.attn.b_O @ q)
+            block.mlp.W_in.copy_(q.T @ block.mlp.W_in)
+            block.mlp.W_out.copy_(block.mlp.W_out @ q)
+            block.mlp.b_out.copy_(block.mlp.b_out @ q)
+        new.unembed.W_U.copy_(q.T @ new.unembed.W_U)
+    return new
+
+
+@pytest.fixture(scope="module")
+def rotated_twin(lm_context):
+    """(context, Q): seed 1 = the anchor made sensitive along the mood vector, seed 2 = the same
+    model with its residual stream rotated by Q, and the rotation between them fitted on the fit
+    batch as build_context does."""
+    _, ctx = lm_context
+    for block in ctx.models[ctx.anchor].blocks:  # the planted rotation needs LayerNorms at init
+        assert torch.all(block.ln1.w == 1) and torch.all(block.ln1.b == 0)
+    vec = LMSteering(site=SITE, prompt_sets=TINY_SETS).build_vectors(ctx)["mood"].direction
+    base = reading_along(ctx.models[ctx.anchor], vec)
+    q = ones_fixing_rotation(base.cfg.d_model)
+    twin = rotate_residual(base, q)
+    fitted = fit_rotation(ctx.collect(twin, "fit", [SITE])[SITE],
+                          ctx.collect(base, "fit", [SITE])[SITE])
+    planted = dataclasses.replace(ctx, models={1: base, 2: twin},
+                                  rotations={**ctx.rotations, (1, 2, SITE): fitted})
+    return planted, q
+
+
 # -- lm_function_match ------------------------------------------------------------------------
 
 
@@ -149,6 +199,15 @@ def test_pythia_lm_function_match_two_seeds(lm_context, tmp_path):
     assert "lm_function_match" in cb.report(ctx, result, [fig])
 
 
+def test_pythia_lm_function_match_rotated_twin_computes_the_same_function(rotated_twin):
+    ctx, q = rotated_twin
+    assert ctx.rotation(1, 2, SITE).matrix == pytest.approx(q.T, abs=1e-4)  # recovered
+    (pair,) = LMFunctionMatch().run(ctx)["pairs"]
+    assert pair["top1_agreement"] > 0.999
+    assert pair["mean_kl"] < 1e-8
+    assert pair["loss_a"] == pytest.approx(pair["loss_b"], rel=1e-6)
+
+
 # -- lm_steering ------------------------------------------------------------------------------
 
 
@@ -173,6 +232,21 @@ def test_pythia_lm_steering_planted_same_model_transfers_cleanly(lm_context):
     assert row["cos_raw_rotated"] == pytest.approx(1.0)
     assert row["regime_cross"] == row["regime_rotated"] == "clean"
     assert mood["summary"]["regime_cross_counts"] == {"clean": 1}
+
+
+def test_pythia_lm_steering_rotated_twin_needs_the_rotation(rotated_twin):
+    """The paper's claim on planted ground truth: the same function in a rotated basis. The raw
+    vector misses on the twin; moved by the fitted rotation it does what it does on the anchor."""
+    ctx, _ = rotated_twin
+    cb = LMSteering(site=SITE, prompt_sets={"mood": TINY_SETS["mood"]}, n_sequences=16)
+    mood = cb.run(ctx)["sets"]["mood"]
+    within = mood["within"]["effect"]
+    (row,) = mood["cross"]
+    assert row["rotated_effect"] == pytest.approx(within, rel=1e-3)
+    assert row["rotated_ratio"] == pytest.approx([1.0] * 4, rel=1e-3)
+    assert all(c < 0.5 * w for c, w in zip(row["cross_effect"], within))
+    assert row["regime_rotated"] == "clean" and row["regime_cross"] != "clean"
+    assert abs(row["cos_raw_rotated"]) < 0.5
 
 
 def test_pythia_lm_steering_two_seeds_outputs(lm_context, tmp_path):

@@ -19,8 +19,7 @@ from polymorph.align.procrustes import Rotation, fit_rotation
 from polymorph.analysis.lm_function_match import LMFunctionMatch, kl_sum
 from polymorph.analysis.lm_steering import LMSteering
 from polymorph.errors import PolymorphError
-from tests.conftest import CONF_DIR, compose
-from tests.pythia_tiny import build_tiny_polypythias
+from tests.conftest import CONF_DIR, compose, pythia_overrides
 
 SITE = "blocks.1.hook_resid_post"
 # Prompts over the tiny tokenizer's words (any word it does not know would become <unk>).
@@ -40,34 +39,15 @@ TINY_SETS = {
 }
 
 
-def overrides(tiny, out) -> list[str]:
-    return [
-        "experiment=polypythia", "logger=none", f"paths.root={out}",
-        f"model.model_id={tiny}/seed" + "${seed}", "corpus.path=json",
-        f"corpus.data_files={tiny}/corpus/train.jsonl", "corpus.shuffle_buffer=100",
-        "sites=[blocks.0.hook_resid_pre,blocks.0.hook_resid_post,blocks.1.hook_resid_post]",
-        "activations.n_sequences=64", "activations.seq_len=32", "sae.steps=20",
-        "sae.batch_size=256", "trainer.enable_progress_bar=false",
-        "analysis.fit_batch.seq_len=32", "analysis.eval_batch.seq_len=32",
-        "analysis.fit_batch.offset=64", "analysis.eval_batch.offset=128",
-        f"analysis.callbacks.lm_steering.site={SITE}",
-    ]
-
-
 @pytest.fixture(scope="module")
-def lm_context(tmp_path_factory):
-    """(analysis config, context) over tiny PolyPythia seeds 1 and 2."""
+def lm_context(pythia_runs, tiny_pythia, tmp_path_factory):
+    """(analysis config, context) over the session's tiny PolyPythia seeds 1 and 2."""
     from polymorph.analysis.context import build_context
-    from polymorph.pipeline import train
 
-    tmp = tmp_path_factory.mktemp("pythia_lm")
-    tiny = build_tiny_polypythias(tmp / "tiny")["root"]
-    out = tmp / "outputs"
-    ov = overrides(tiny, out)
-    for seed in (1, 2):
-        train(compose(ov + [f"seed={seed}"]))
-    cfg = compose(ov + ["analysis.haar_null_samples=50"], config_name="analyze")
-    return cfg, build_context(cfg, out, tmp / "analysis", show_progress=False)
+    root, _ = pythia_runs
+    cfg = compose(pythia_overrides(tiny_pythia, root, analysis=True), config_name="analyze")
+    out = tmp_path_factory.mktemp("pythia_lm_analysis")
+    return cfg, build_context(cfg, root, out, show_progress=False)
 
 
 def planted_same_model(ctx, model=None):

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, compose, pythia_overrides
 
 from polymorph.errors import PolymorphError
+from tests.conftest import REPO, compose, pythia_overrides
 
 
 def test_pythia_loader_keeps_raw_weights(tiny_pythia):

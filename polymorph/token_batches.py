@@ -106,3 +106,11 @@ def position_mask(cfg: DictConfig, tokens: torch.Tensor, spec: DictConfig | None
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[:, :skip] = False
     return mask
+
+
+def describe_batch(cfg: DictConfig, spec: DictConfig) -> str:
+    """One phrase for reports: which tokens a batch spec selects."""
+    if not is_pretrained(cfg):
+        return f"{spec.n_sequences} sequences, seed {spec.seed}"
+    return (f"{spec.n_sequences} windows x {spec.seq_len} tokens from window "
+            f"{spec.get('offset', 0)} of corpus {cfg.corpus.path}")

@@ -100,6 +100,12 @@ def sae_evs(sae, x: torch.Tensor) -> dict[str, float]:
     return explained_variance(recon, x)
 
 
+def _final_label(ctx, result: dict) -> str:
+    if ctx.pretrained:
+        return f"revision {ctx.run_configs[result['seed']].model.revision}"
+    return f"best step {result['best_step']}"
+
+
 def _load_revision(model_cfg, revision: str):
     from polymorph.pipeline import build_model
 
@@ -389,7 +395,7 @@ class CheckpointDrift(AnalysisCallback):
             "",
             (
                 f"Seed {result['seed']}: each kept checkpoint's activations against the final "
-                f"model's (best step {result['best_step']}). ||R - I||_F of the rotation fitted "
+                f"model's ({_final_label(ctx, result)}). ||R - I||_F of the rotation fitted "
                 "from the checkpoint to the final model, on the span of the activations (about "
                 "sqrt(2r) for a Haar draw, r the span's dimension; 0 for the same frame), the EV "
                 "of the final activations by the rotated checkpoint activations, and the final "

@@ -21,6 +21,7 @@ from polymorph.analysis.context import build_context
 from polymorph.checkpoints import atomic_write_json, atomic_write_text
 from polymorph.errors import PolymorphError
 from polymorph.pipeline import output_root, versions
+from polymorph.token_batches import describe_batch
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +119,10 @@ def render_report(ctx, results: dict, sections: list[str]) -> str:
         f"- seeds: {ctx.seeds} (anchor {ctx.anchor}); pairs: {a.pairs} "
         f"({len(ctx.pairs)}: seed b mapped into seed a's frame)",
         f"- sites: {', '.join(f'`{s}`' for s in ctx.sites)}",
-        f"- rotations: group {ctx.group}, fitted on the fit batch ({a.fit_batch.n_sequences} "
-        f"sequences, seed {a.fit_batch.seed}); scored on the {ctx.score_batch} batch "
+        f"- rotations: group {ctx.group}, fitted on the fit batch "
+        f"({describe_batch(ctx.cfg, a.fit_batch)}); scored on the {ctx.score_batch} batch "
         f"({'held out' if ctx.score_batch == 'eval' else 'IN-SAMPLE: the published protocol'}; "
-        f"eval batch: {a.eval_batch.n_sequences} sequences, seed {a.eval_batch.seed})",
+        f"eval batch: {describe_batch(ctx.cfg, a.eval_batch)})",
         f"- SAE config: `{ctx.sae_config_id}`",
         f"- rerun: `python analyze.py experiment={meta['experiment']}` (full resolved config in "
         f"results.json under meta.config)",
@@ -141,9 +142,16 @@ def render_report(ctx, results: dict, sections: list[str]) -> str:
         "entries around one grand mean, as in the published code).",
         "- With `analysis.score_on=fit` every score is in-sample, as published; the default scores "
         "on a held-out batch.",
-        "- Where a site's activations span fewer than d dimensions (e.g. `blocks.0.hook_resid_pre` "
-        "= token embedding + a 6-dim positional code: at most 15 directions), the rotation is only "
-        "determined on that span; its Haar diagnostics then say little about the complement.",
     ]
+    if ctx.pretrained:
+        caveats.append(
+            "- Pretrained models: activations skip the first position of every corpus window (the "
+            "attention sink); SAE-training, fit and eval windows are disjoint slices of the corpus.")
+    else:
+        caveats.append(
+            "- Where a site's activations span fewer than d dimensions (e.g. "
+            "`blocks.0.hook_resid_pre` = token embedding + a 6-dim positional code: at most 15 "
+            "directions), the rotation is only determined on that span; its Haar diagnostics then "
+            "say little about the complement.")
     body = "\n\n".join(s for s in sections if s)
     return "\n".join(head) + "\n" + body + "\n\n" + "\n".join(caveats) + "\n"

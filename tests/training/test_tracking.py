@@ -22,12 +22,13 @@ def test_offline_wandb_run_holds_the_metrics(tmp_path, monkeypatch):
     # items carry the metric names as plain strings: metrics that were logged must be in there.
     # wandb-core (a separate process) may still be writing the file when finish() returns on a
     # loaded machine (seen once: only the 7-byte header present); give it a bounded wait.
+    keys = (b"train/loss", b"val/min_acc", b"val/long/acc_depth", b"trainable_parameters")
     deadline = time.monotonic() + 60
     raw = log_file.read_bytes()
-    while b"trainable_parameters" not in raw and time.monotonic() < deadline:
+    while not all(k in raw for k in keys) and time.monotonic() < deadline:
         time.sleep(0.5)
         raw = log_file.read_bytes()
-    for key in (b"train/loss", b"val/min_acc", b"val/long/acc_depth", b"trainable_parameters"):
+    for key in keys:
         assert key in raw, key
     assert b"seed=0" in raw and b"smoke" in raw  # run name and group
     import wandb

@@ -126,14 +126,20 @@ def test_planted_rotation_keeps_rotated_ev_equal_to_self_at_every_sparsity(ladde
             saved = load_sae(folder)
             save_sae(transfer_sae(saved.sae, seven_to_zero), rotated.saes / site / folder.name,
                      metadata=saved.metadata, metrics=saved.metrics)
-    results, _ = analyze(_sparsity_only(tmp_path, "planted"), show_progress=False)
+    results, objects = analyze(_sparsity_only(tmp_path, "planted"), show_progress=False)
+    ctx = objects["context"]
     entries = results["sparsity"]["configs"]
     assert len(entries) == 2 * len(SITES)
     for e in entries:
         assert e["rotated_ev_standard"] == pytest.approx(e["self_ev_standard"], abs=1e-4), e["config_id"]
         assert e["rotated_ev_published"] == pytest.approx(e["self_ev_published"], abs=1e-4)
-        assert e["naive_ev_standard"] < e["self_ev_standard"] - 0.1, (e["site"], e["config_id"])
-        assert e["hungarian_mean_cos_rotated"] > 0.999 and e["mean_max_cos_rotated"] > 0.999
+        # the raw frame is wrong: naive EV is below self EV (far below for the dense SAE; the
+        # 20-step TopK k=2 SAE reconstructs badly even on its own seed)
+        gap = 0.1 if e["architecture"] == "relu_l1" else 0.0
+        assert e["naive_ev_standard"] < e["self_ev_standard"] - gap, (e["site"], e["config_id"])
+        if ctx.rotation(0, 7, e["site"]).effective_rank() == 64:  # R determined: dictionaries match
+            assert e["hungarian_mean_cos_rotated"] > 0.999 and e["mean_max_cos_rotated"] > 0.999
+    assert any(ctx.rotation(0, 7, s).effective_rank() == 64 for s in SITES)
 
 
 def test_seeds_with_different_configs_share_what_they_can(ladder_runs, tmp_path):

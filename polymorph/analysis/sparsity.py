@@ -42,6 +42,11 @@ UNIV_KEYS = ("mean_max_cos", "frac_above_0_5", "hungarian_mean_cos")
 MARKERS = {"relu_l1": "o", "topk": "s"}
 # rotated EV as a fraction of self EV (ev_standard) below which the report calls transfer lost
 KEEP_FRACTION = 0.9
+# an SAE whose self EV (ev_standard) is below this does not reconstruct its own seed: the
+# rotated/self ratio says nothing about transfer there, so the reading leaves it out
+USABLE_SELF_EV = 0.5
+# families are compared on their sparse configurations only (dense codes transfer trivially)
+SPARSE_L0 = 32
 
 
 def _mean(values) -> float:
@@ -269,7 +274,8 @@ class Sparsity(AnalysisCallback):
             init = sorted({str(e["init_seed_setting"]) for e in entries})
             short = site.replace("blocks.", "").replace("hook_resid_", "")
             for ax, title, ylabel in (
-                (ax_ev, f"{short}: EV vs L0", f"EV (ev_standard, {ctx.score_batch})"),
+                (ax_ev, f"{short}: EV vs L0, mean over pairs (solid/o: relu_l1, dashed/s: topk)",
+                 f"EV (ev_standard, {ctx.score_batch})"),
                 (ax_match, f"{short}: overlap / universality vs L0", "correlation / cosine"),
                 (ax_dead, f"{short}: dead features vs L0 (sae.init_seed: {', '.join(init)})",
                  "dead fraction"),
@@ -281,15 +287,26 @@ class Sparsity(AnalysisCallback):
             lo = min(e[f"{k}_ev_standard"] for e in entries for k in KINDS)
             ax_ev.set_ylim(max(lo - 0.05, -1.0), 1.02)
             ax_dead.set_ylim(-0.02, 1.02)
-        for ax in axes[0]:
+        n_fams = [len({e["architecture"] for e in result["configs"] if e["site"] == s}) for s in sites]
+        for ax in axes[n_fams.index(max(n_fams))]:  # legend where every family appears
             ax.legend(fontsize=6)
         return [save(fig, fig_dir / "sparsity.png")]
 
     def reading(self, result: dict) -> str:
         """One paragraph generated from the numbers."""
         parts = []
+        unusable = [e for e in result["configs"] if not e["self_ev_standard"] >= USABLE_SELF_EV]
+        if unusable:
+            parts.append(
+                f"{len(unusable)} configuration-site(s) reconstruct their own seed with self EV < "
+                f"{USABLE_SELF_EV:g} ("
+                + ", ".join(f"{e['config_id']} at `{e['site']}`: L0 {e['l0']:.1f}, self EV "
+                            f"{e['self_ev_standard']:.3f}" for e in unusable)
+                + "): they are not working SAEs, so the reading below leaves them out."
+            )
+        usable = [e for e in result["configs"] if e not in unusable]
         for site in result["sites"]:
-            entries = [e for e in result["configs"] if e["site"] == site]
+            entries = [e for e in usable if e["site"] == site]
             if not entries:
                 continue
             lost = [e for e in entries if e.get("rotated_over_self", 1.0) < KEEP_FRACTION]
@@ -316,15 +333,18 @@ class Sparsity(AnalysisCallback):
             )
             parts.append(text)
         fams = {}
-        for e in result["configs"]:
-            fams.setdefault(e["architecture"], []).append(e)
-        if len(fams) > 1:
+        for e in usable:
+            if e["l0"] <= SPARSE_L0:
+                fams.setdefault(e["architecture"], []).append(e)
+        if fams:
             means = {a: _mean(e.get("rotated_over_self") for e in es) for a, es in fams.items()}
             best = max(means, key=means.get)
             parts.append(
-                "Mean rotated/self EV by family: "
+                f"Among working configurations with L0 <= {SPARSE_L0}, mean rotated/self EV by "
+                "family: "
                 + ", ".join(f"{a} {v:.3f} ({len(fams[a])} config-sites)" for a, v in means.items())
-                + f"; {best} keeps transfer best on this measure."
+                + (f"; {best} keeps transfer best on this measure." if len(fams) > 1 else
+                   "; no other family has a working configuration that sparse.")
             )
         raw_beats = [e for e in result["configs"]
                      if e["hungarian_mean_cos_raw"] > e["hungarian_mean_cos_rotated"]]

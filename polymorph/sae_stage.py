@@ -3,6 +3,11 @@
 SAE folders are named by site and SAE config id, so different SAE configs
 (``sae.expansion=8,32``, ``sae=topk``, ...) live side by side and never overwrite
 each other; an existing SAE is kept unless ``retrain_saes=true``.
+
+An SAE *ladder* (the config group ``sae_ladder``, absent by default) trains several SAE
+configs per site in one job: each rung is a partial SAE config merged over ``cfg.sae``
+(``conf/sae_ladder/sparsity.yaml``: ReLU+L1 at several L1 values and TopK at several k).
+The activations are collected once per job and shared by every rung.
 """
 
 from __future__ import annotations
@@ -34,27 +39,76 @@ def sae_model_name(cfg: DictConfig) -> str:
     return f"polymorph-dyck/{cfg.name}/seed={cfg.seed}"
 
 
+def ladder_configs(cfg: DictConfig) -> list[SAETrainConfig]:
+    """The SAE configs this job trains: ``cfg.sae`` alone, or every rung of ``cfg.sae_ladder``.
+
+    A rung is a partial SAE config merged over ``cfg.sae`` (so ``{l1_coefficient: 0.1}`` or
+    ``{architecture: topk, k: 8, l1_coefficient: null}``). Every rung is validated before any
+    training starts; a bad rung raises PolymorphError naming the rung.
+    """
+    base = OmegaConf.to_container(cfg.sae, resolve=True)
+    ladder = cfg.get("sae_ladder")
+    if ladder is None:
+        try:
+            return [SAETrainConfig.from_dict(base)]
+        except ValueError as err:
+            raise PolymorphError(f"bad SAE config: {err}") from err
+    rungs = OmegaConf.to_container(ladder, resolve=True).get("rungs")
+    if not isinstance(rungs, list) or not rungs:
+        raise PolymorphError(
+            "sae_ladder needs a non-empty list `rungs` of partial SAE configs "
+            "(see conf/sae_ladder/sparsity.yaml)"
+        )
+    configs: list[SAETrainConfig] = []
+    seen: dict[str, int] = {}
+    for i, rung in enumerate(rungs):
+        if not isinstance(rung, dict):
+            raise PolymorphError(
+                f"sae_ladder rung {i} must be a mapping of SAE config keys, got {rung!r}"
+            )
+        try:
+            sae_cfg = SAETrainConfig.from_dict({**base, **rung})
+        except ValueError as err:
+            raise PolymorphError(f"bad sae_ladder rung {i} {rung}: {err}") from err
+        cid = config_id(sae_cfg)
+        if cid in seen:
+            raise PolymorphError(
+                f"sae_ladder rungs {seen[cid]} and {i} give the same SAE config ({cid}); "
+                "drop one of them"
+            )
+        seen[cid] = i
+        configs.append(sae_cfg)
+    return configs
+
+
 def train_saes_for_run(cfg: DictConfig, layout: RunLayout, logger) -> dict:
     from polymorph.pipeline import load_run_model, run_activations
 
-    try:
-        sae_cfg = SAETrainConfig.from_dict(OmegaConf.to_container(cfg.sae, resolve=True))
-    except ValueError as err:
-        raise PolymorphError(f"bad SAE config: {err}") from err
-    cid = config_id(sae_cfg)
-    init_seed = resolve_init_seed(sae_cfg, int(cfg.seed))
+    configs = ladder_configs(cfg)
+    laddered = cfg.get("sae_ladder") is not None
     todo = [
-        site
+        (sae_cfg, site)
+        for sae_cfg in configs
         for site in cfg.sites
-        if cfg.retrain_saes or not (layout.sae_dir(site, cid) / "metrics.json").is_file()
+        if cfg.retrain_saes
+        or not (layout.sae_dir(site, config_id(sae_cfg)) / "metrics.json").is_file()
     ]
     summary: dict = {}
     if todo:
         model, _ = load_run_model(layout, "best")
         acts = run_activations(cfg, layout, model)
+    for sae_cfg in configs:
+        summary.update(_train_config(cfg, layout, logger, sae_cfg, todo, acts if todo else None, laddered))
+    return summary
+
+
+def _train_config(cfg, layout, logger, sae_cfg, todo, acts, laddered: bool) -> dict:
+    cid = config_id(sae_cfg)
+    init_seed = resolve_init_seed(sae_cfg, int(cfg.seed))
+    summary: dict = {}
     for site in cfg.sites:
         folder = layout.sae_dir(site, cid)
-        if site not in todo:
+        if (sae_cfg, site) not in todo:
             log.info("SAE %s exists: keeping it (retrain_saes=true to redo)", folder)
             continue
         sae, info = train_sae(
@@ -84,5 +138,6 @@ def train_saes_for_run(cfg: DictConfig, layout: RunLayout, logger) -> dict:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         summary[f"sae/{site}/{cid}"] = scalars
         if logger:
-            logger.log_metrics({f"sae/{site}/{k}": v for k, v in scalars.items()})
+            prefix = f"sae/{site}/{cid}" if laddered else f"sae/{site}"
+            logger.log_metrics({f"{prefix}/{k}": v for k, v in scalars.items()})
     return summary

@@ -98,6 +98,9 @@ def analyze(cfg: DictConfig, show_progress: bool = True) -> tuple[dict, dict]:
             figures = cb.figures(ctx, result, fig_dir)
             result["figures"] = [str(p.relative_to(out_dir)) for p in figures]
             results[name] = _clean(result)
+            if result.get("missing"):  # a callback that could analyse only part of its input
+                results["meta"]["missing"] += [f"{name}: {m}" for m in result["missing"]]
+                results["meta"]["partial"] = True
             sections.append(cb.report(ctx, result, figures))
             tracker.log_callback(name, cb, result, figures)
             results["meta"]["timings_seconds"][name] = round(time.perf_counter() - t0, 2)

@@ -8,16 +8,11 @@ import shutil
 import pytest
 import torch
 
-from polymorph.align.haar import haar_orthogonal
-from polymorph.align.procrustes import Rotation
-from polymorph.align.transfer import transfer_sae
 from polymorph.analysis.runner import analyze
-from polymorph.checkpoints import save_weights
 from polymorph.errors import PolymorphError
 from polymorph.layout import RunLayout
-from polymorph.models.rotation import rotate_residual_stream
-from polymorph.pipeline import load_run_model
-from polymorph.sae.io import load_sae, save_sae
+from polymorph.sae.io import load_sae
+from tests.analysis.conftest import plant_rotated_seed
 from tests.conftest import compose, smoke_overrides
 
 SITES = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post")
@@ -80,21 +75,7 @@ def planted(smoke_runs, tmp_path_factory):
     """Experiment 'planted': seed 0 of the smoke runs plus seed 7 = seed 0 rotated by a known Q."""
     root, _ = smoke_runs
     new_root = tmp_path_factory.mktemp("planted")
-    src = RunLayout.for_seed(root, "smoke", 0)
-    anchor = RunLayout.for_seed(new_root, "planted", 0)
-    shutil.copytree(src.root, anchor.root)
-    rotated = RunLayout.for_seed(new_root, "planted", 7)
-    shutil.copytree(src.root, rotated.root)
-    model, _ = load_run_model(src)
-    q = haar_orthogonal(64, "O", seed=11).double()
-    save_weights(rotate_residual_stream(model, q), rotated.best)
-    # seed 7's SAEs: seed 0's, rewritten to read seed 7's frame (x7 = x0 Q)
-    seven_to_zero = Rotation(matrix=q.T, source_mean=torch.zeros(64), target_mean=torch.zeros(64))
-    for site in SITES:
-        for folder in src.saes.joinpath(site).iterdir():
-            saved = load_sae(folder)
-            save_sae(transfer_sae(saved.sae, seven_to_zero), rotated.saes / site / folder.name,
-                     metadata=saved.metadata, metrics=saved.metrics)
+    q = plant_rotated_seed(root, "smoke", new_root, "planted", SITES)
     results, objects = analyze(analysis_cfg(new_root, "planted"), show_progress=False)
     return results, objects["context"], q
 

@@ -9,19 +9,13 @@ import math
 import shutil
 
 import pytest
-import torch
 from omegaconf import open_dict
 
-from polymorph.align.haar import haar_orthogonal
-from polymorph.align.procrustes import Rotation
-from polymorph.align.transfer import transfer_sae
 from polymorph.analysis.runner import analyze
-from polymorph.checkpoints import save_weights
 from polymorph.errors import PolymorphError
 from polymorph.layout import RunLayout
-from polymorph.models.rotation import rotate_residual_stream
-from polymorph.pipeline import load_run_model, train
-from polymorph.sae.io import load_sae, save_sae
+from polymorph.pipeline import train
+from tests.analysis.conftest import plant_rotated_seed
 from tests.conftest import compose, smoke_overrides
 
 SITES = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post")
@@ -113,19 +107,7 @@ def test_planted_rotation_keeps_rotated_ev_equal_to_self_at_every_sparsity(ladde
                                                                            tmp_path):
     """Seed 7 = seed 0 with its residual stream rotated by a known Q, every SAE moved along."""
     root, _ = ladder_runs
-    src = RunLayout.for_seed(root, "ladder", 0)
-    shutil.copytree(src.root, RunLayout.for_seed(tmp_path, "planted", 0).root)
-    rotated = RunLayout.for_seed(tmp_path, "planted", 7)
-    shutil.copytree(src.root, rotated.root)
-    model, _ = load_run_model(src)
-    q = haar_orthogonal(64, "O", seed=11).double()
-    save_weights(rotate_residual_stream(model, q), rotated.best)
-    seven_to_zero = Rotation(matrix=q.T, source_mean=torch.zeros(64), target_mean=torch.zeros(64))
-    for site in SITES:
-        for folder in (src.saes / site).iterdir():
-            saved = load_sae(folder)
-            save_sae(transfer_sae(saved.sae, seven_to_zero), rotated.saes / site / folder.name,
-                     metadata=saved.metadata, metrics=saved.metrics)
+    plant_rotated_seed(root, "ladder", tmp_path, "planted", SITES)
     results, objects = analyze(_sparsity_only(tmp_path, "planted"), show_progress=False)
     ctx = objects["context"]
     entries = results["sparsity"]["configs"]

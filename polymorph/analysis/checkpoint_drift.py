@@ -106,6 +106,12 @@ def _final_label(ctx, result: dict) -> str:
     return f"best step {result['best_step']}"
 
 
+def _load_step(layout, path):
+    from polymorph.pipeline import load_run_model
+
+    return load_run_model(layout, str(path))[0]  # (model, config): the model only
+
+
 def _load_revision(model_cfg, revision: str):
     from polymorph.pipeline import build_model
 
@@ -158,15 +164,13 @@ class CheckpointDrift(AnalysisCallback):
 
     def _checkpoints(self, ctx, seed: int) -> dict[int, tuple[str, object]]:
         """step -> (label, a function loading that checkpoint's model)."""
-        from polymorph.pipeline import load_run_model
-
         layout = ctx.runs[seed]
         if not ctx.pretrained:
             if self.revisions:
                 raise PolymorphError("checkpoint_drift.revisions is for pretrained models "
                                      "(model_source=pretrained); a trained run follows its own "
                                      "saved step checkpoints: drop the setting")
-            return {step: (path.name, partial(load_run_model, layout, str(path)))
+            return {step: (path.name, partial(_load_step, layout, path))
                     for step, path in layout.step_checkpoints().items()}
         model_cfg = ctx.run_configs[seed].model
         out = {}
@@ -221,8 +225,6 @@ class CheckpointDrift(AnalysisCallback):
         for step in ctx.progress(steps, desc=f"checkpoint_drift (seed {seed})"):
             label, load = kept[step]
             model = load()
-            if isinstance(model, tuple):  # load_run_model returns (model, config)
-                model = model[0]
             acts = {"fit": ctx.collect(model, "fit", sites)}
             acts[score] = acts["fit"] if score == "fit" else ctx.collect(model, score, sites)
             del model

@@ -1,7 +1,7 @@
 """Residual-stream activations at named sites, at the positions a mask keeps.
 
-The Dyck task keeps every non-PAD position (the default mask); a language model's text
-windows keep every position but the first few (see ``polymorph.token_batches``).
+Which positions give rows is the model family's choice (its token batches carry a mask: every
+non-PAD position of a Dyck sequence; every position but the first few of a text window).
 Rows are ordered by sequence, then position, so two models run on the same
 tokens give row-aligned matrices: row i of seed A and row i of seed B are the
 same token in the same context (what Procrustes needs).
@@ -12,26 +12,31 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from polymorph.tasks.dyck import PAD, generate_training_tokens
+from polymorph.files import save_tensors
 
 
 class SiteError(ValueError):
     pass
 
 
-def analysis_tokens(n_sequences: int, seed: int, min_len: int = 2, max_len: int = 48) -> torch.Tensor:
-    """A fixed batch from the training generator (METHOD.md: lengths 2..48), same for every model."""
-    return generate_training_tokens(
-        n_sequences, torch.Generator().manual_seed(seed), min_len=min_len, max_len=max_len
-    )
-
-
 def residual_hook_names(model: HookedTransformer) -> list[str]:
     return [name for name in model.hook_dict if "hook_resid" in name]
+
+
+def distinct_residual_sites(model: HookedTransformer) -> list[str]:
+    """The distinct residual-stream tensors: resid_pre of block 0, then resid_mid (absent when
+    attention and MLP run in parallel) and resid_post of every block (resid_pre of block l+1
+    is resid_post of block l)."""
+    sites = ["blocks.0.hook_resid_pre"]
+    for layer in range(model.cfg.n_layers):
+        if not getattr(model.cfg, "parallel_attn_mlp", False):
+            sites.append(f"blocks.{layer}.hook_resid_mid")
+        sites.append(f"blocks.{layer}.hook_resid_post")
+    return [s for s in sites if s in model.hook_dict]
 
 
 def check_sites(model: HookedTransformer, sites: list[str]) -> None:
@@ -51,20 +56,19 @@ def collect_activations(
     model: HookedTransformer,
     tokens: torch.Tensor,
     sites: list[str],
+    *,
+    mask: torch.Tensor,
     batch_size: int = 512,
-    mask: torch.Tensor | None = None,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Activations [n_kept_positions, d] per site, fp32 on CPU.
 
-    ``mask`` [n, seq] marks the positions kept (default: the Dyck task's non-PAD positions).
-    Batches of ``batch_size`` sequences bound the memory of the forward pass.
+    ``mask`` [n, seq] marks the positions kept (a family's ``TokenBatch.mask``). Batches of
+    ``batch_size`` sequences bound the memory of the forward pass.
     """
     check_sites(model, sites)
     model.eval()
     device = next(model.parameters()).device
-    if mask is None:
-        mask = tokens != PAD
     chunks: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
     starts = range(0, tokens.shape[0], batch_size)
     for start in tqdm(starts, desc="activations", unit="batch", disable=not progress, leave=False):
@@ -80,10 +84,7 @@ def collect_activations(
 
 
 def save_activations(path: Path, acts: torch.Tensor, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"activations": acts.contiguous()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    save_tensors(path, {"activations": acts}, metadata)
 
 
 def load_activations(path: Path) -> torch.Tensor:

@@ -1,53 +1,29 @@
 """Model weights on disk as safetensors: loading never unpickles anything.
 
-Lightning's ``last.ckpt`` (needed to resume the optimiser and schedules) is the
-only pickle-format file polymorph writes, and it is read back with
-``weights_only=True``.
+Lightning's ``last.ckpt`` (needed to resume the optimiser and schedules) is the only
+pickle-format file polymorph writes, and it is read back with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from polymorph.files import save_tensors
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or doesn't fit the model."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is corrupt (not valid JSON: {err}); delete it and rerun") from err
-
-
 def save_weights(model: torch.nn.Module, path: Path, metadata: dict | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    """The model's state dict as safetensors (atomically), with JSON-encoded ``metadata``."""
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    save_tensors(path, dict(model.state_dict()), meta)
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

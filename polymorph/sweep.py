@@ -1,4 +1,6 @@
-"""Inclusive integer ranges on the command line: ``seed=0..8`` means seeds 0 through 8.
+"""Command-line conveniences Hydra's grammar lacks: inclusive ranges and seed placeholders.
+
+``seed=0..8`` means seeds 0 through 8.
 
 Hydra 1.3 reads ``seed=0..8`` as one string and silently runs a single job, so
 train.py and analyze.py rewrite every ``key=A..B`` argument into Hydra's comma
@@ -42,10 +44,25 @@ def expand_ranges(args: list[str]) -> list[str]:
     return out
 
 
+_PLACEHOLDER = re.compile(r"^(?P<key>[+~]{0,2}[A-Za-z_][\w.\-/@]*)=(?P<value>[^'\"].*\{seed\}.*)$")
+
+
+def quote_placeholders(args: list[str]) -> list[str]:
+    """Quote values holding a ``{seed}`` placeholder (``family.model_id=/data/run/seed{seed}``):
+    Hydra's override grammar reads an unquoted ``{`` as the start of a dictionary."""
+    out = []
+    for arg in args:
+        m = _PLACEHOLDER.match(arg)
+        out.append(f"{m.group('key')}='{m.group('value')}'" if m and "'" not in m.group("value")
+                   else arg)
+    return out
+
+
 def expand_argv() -> None:
-    """Apply :func:`expand_ranges` to ``sys.argv`` in place, exiting with one clear line on error."""
+    """Apply :func:`expand_ranges` and :func:`quote_placeholders` to ``sys.argv`` in place,
+    exiting with one clear line on error."""
     try:
-        sys.argv[1:] = expand_ranges(sys.argv[1:])
+        sys.argv[1:] = quote_placeholders(expand_ranges(sys.argv[1:]))
     except SweepSyntaxError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from polymorph.errors import PolymorphError
+
 if TYPE_CHECKING:
     from polymorph.analysis.context import AnalysisContext
 
@@ -19,6 +21,17 @@ if TYPE_CHECKING:
 class AnalysisCallback:
     #: key in results.json and the W&B namespace; set by each subclass
     name: str = ""
+    #: names of the family readouts this callback can use (None: any family)
+    readouts: tuple[str, ...] | None = None
+
+    def check(self, family, where: str) -> None:
+        """Refuse, before anything loads, a family this callback cannot analyse."""
+        name = family.readout.name
+        if self.readouts is not None and name not in self.readouts:
+            raise PolymorphError(
+                f"{where} ({type(self).__name__}) reads {' or '.join(self.readouts)} outputs, but "
+                f"family={family.name} has {name} outputs; switch it off with ~{where} or give "
+                "it a strategy for this family (see conf/analysis/default.yaml)")
 
     def run(self, ctx: AnalysisContext) -> dict[str, Any]:
         raise NotImplementedError

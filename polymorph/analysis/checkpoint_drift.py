@@ -1,21 +1,19 @@
 """checkpoint_drift: how far does one seed's residual frame move during training?
 
-Within one seed's run, every kept step checkpoint is reloaded and its activations collected at
-the analysis sites on the analysis fit and scored batches (the same token sequences the final
-model's activations in the context were collected on, so rows align). Per checkpoint and site:
+Within one seed's run, every intermediate model the family lists (the kept step checkpoints of
+a trained run, or the published revisions given as ``family.revisions``) is reloaded and its
+activations collected at the analysis sites on the analysis fit and scored batches (the same
+inputs the final model's activations in the context were collected on, so rows align). Per
+checkpoint and site:
 
 * ``to_final``: the rotation R fitted on the fit batch from the checkpoint's activations (source)
-  to the final analysed model's (target, the run's best checkpoint): ||R - I||_F, its ratio to
-  sqrt(2d), the trace z-score against a Haar null of the same d and group, the near-fixed
-  dimension, and the activation-level explained variance of the final model's activations by
-  the checkpoint's, raw and rotated (``score_alignment``, on the scored batch);
-* ``from_previous``: the same for the rotation from the previous kept checkpoint to this one;
+  to the final analysed model's (target): ||R - I||_F, its ratio to sqrt(2d), the trace z-score
+  against the Haar null of the same d and group, the near-fixed dimension, the same distance on
+  the activations' span, and the activation-level explained variance of the final model's
+  activations by the checkpoint's, raw and rotated (``score_alignment``, on the scored batch);
+* ``from_previous``: the same for the rotation from the previous followed checkpoint to this one;
 * ``sae``: the final model's SAE at that site applied to the checkpoint's activations, naive
   (as they are) and rotated (mapped into the final frame by R), both EV definitions.
-
-For a pretrained model (``model_source=pretrained``, the PolyPythias) there are no saved steps
-of ours: ``revisions`` lists the published revisions (``step{N}``) of the seed to follow instead,
-each loaded with the run's own model config at that revision.
 
 A frame that only rotates during training shows a large ||R - I||_F with a rotated EV near 1;
 a frame that settles early shows ||R - I||_F falling to 0 long before the last step.
@@ -24,98 +22,26 @@ a frame that settles early shows ||R - I||_F falling to 0 long before the last s
 from __future__ import annotations
 
 import math
-import re
-import warnings
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from polymorph.align.haar import diagnose, haar_null
+from polymorph.align.drift import rotation_summary
 from polymorph.align.metrics import EV_DEFINITIONS, explained_variance
-from polymorph.align.procrustes import Rotation, fit_rotation, score_alignment
 from polymorph.analysis.base import AnalysisCallback
 from polymorph.analysis.plots import COLOURS, plt, save
 from polymorph.analysis.sae_transfer import sae_codes_and_reconstruction
-from polymorph.checkpoints import CheckpointError, read_json
 from polymorph.errors import PolymorphError
-from polymorph.training.transformer_module import MIN_ACC
+from polymorph.files import read_json
 
 FIGURE_FILE = "checkpoint_drift.png"
 EV_NAMES = tuple(EV_DEFINITIONS)
-
-
-def frob_dist_on_span(rotation: Rotation, source: torch.Tensor) -> tuple[float, int]:
-    """``||B^T (R - I)||_F`` and r, with B [d, r] an orthonormal basis of the source activations'
-    span (the top-r principal directions of the centred ``source`` rows, r =
-    ``rotation.effective_rank()``).
-
-    Why: when the activations span r < d directions, the Procrustes R is arbitrary on the other
-    d - r, and ``||R - I||_F`` counts that arbitrary part as drift. Restricted to the span, the
-    distance is 0 for a map that is the identity on every observed direction, and about
-    sqrt(2r) for a Haar-random R (each unit direction b moves by ``E||b R - b||^2 = 2``).
-    """
-    x = source.double()
-    x = x - x.mean(dim=0, keepdim=True)
-    _, vecs = torch.linalg.eigh(x.T @ x)  # ascending eigenvalues
-    r = rotation.effective_rank()
-    basis = vecs[:, vecs.shape[1] - r:]
-    eye = torch.eye(rotation.d, dtype=torch.float64)
-    return float((basis.T @ (rotation.matrix - eye)).norm()), r
-
-
-def rotation_summary(source_fit: torch.Tensor, target_fit: torch.Tensor,
-                     source_score: torch.Tensor, target_score: torch.Tensor, group: str,
-                     n_null: int) -> tuple[dict, Rotation]:
-    """Fit source -> target on the fit rows and describe the rotation (see module docstring).
-
-    Returns (summary, rotation). The summary holds ``frob_dist``, ``frob_ratio``, ``trace_z``,
-    ``fixed_dim_estimate`` (Haar diagnostics of R), ``frob_dist_on_span``,
-    ``frob_ratio_on_span``, ``span_rank`` (see :func:`frob_dist_on_span`) and
-    ``raw_/rotated_/floor_`` x ``ev_published/ev_standard`` on the score rows
-    (:func:`~polymorph.align.procrustes.score_alignment`). The rank-deficiency warning of
-    ``fit_rotation`` is recorded as ``span_rank`` < d rather than raised at every checkpoint.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        rot = fit_rotation(source_fit, target_fit, group=group)
-    diag = diagnose(rot.matrix, haar_null(rot.d, group, n_null))
-    on_span, rank = frob_dist_on_span(rot, source_fit)
-    summary = {
-        "frob_dist": diag.frob_dist,
-        "frob_ratio": diag.frob_ratio,
-        "trace_z": diag.trace_z,
-        "fixed_dim_estimate": diag.fixed_dim_estimate,
-        "frob_dist_on_span": on_span,
-        "frob_ratio_on_span": on_span / math.sqrt(2 * rank) if rank else float("nan"),
-        "span_rank": rank,
-        **score_alignment(rot, source_score, target_score),
-    }
-    return summary, rot
 
 
 def sae_evs(sae, x: torch.Tensor) -> dict[str, float]:
     """Both EV definitions of ``sae``'s reconstruction of ``x`` (scored against ``x``)."""
     _, recon = sae_codes_and_reconstruction(sae, x)
     return explained_variance(recon, x)
-
-
-def _final_label(ctx, result: dict) -> str:
-    if ctx.pretrained:
-        return f"revision {ctx.run_configs[result['seed']].model.revision}"
-    return f"best step {result['best_step']}"
-
-
-def _load_step(layout, path):
-    from polymorph.pipeline import load_run_model
-
-    return load_run_model(layout, str(path))[0]  # (model, config): the model only
-
-
-def _load_revision(model_cfg, revision: str):
-    from polymorph.pipeline import build_model
-
-    return build_model(model_cfg, revision=revision)
 
 
 class CheckpointDrift(AnalysisCallback):
@@ -127,19 +53,22 @@ class CheckpointDrift(AnalysisCallback):
             whose final-model activations the context already holds.
         max_checkpoints: follow at most this many kept checkpoints, evenly spaced over the
             run, always keeping the first, the last and the best (None: all of them).
-        revisions: pretrained models only: the revisions (``step{N}``) to follow.
+        null_samples: Monte-Carlo Haar draws per (d, group) for the trace p-values and the
+            near-fixed threshold.
     """
 
     name = "checkpoint_drift"
 
     def __init__(self, seed: int | None = None, sites=None,
-                 max_checkpoints: int | None = None, revisions=None) -> None:
+                 max_checkpoints: int | None = None, null_samples: int = 1000) -> None:
         if max_checkpoints is not None and int(max_checkpoints) < 2:
             raise ValueError(f"max_checkpoints must be None (all) or >= 2, got {max_checkpoints}")
+        if int(null_samples) < 2:
+            raise ValueError(f"null_samples must be >= 2, got {null_samples}")
         self.seed = None if seed is None else int(seed)
         self.sites = None if sites is None else [str(s) for s in sites]
         self.max_checkpoints = None if max_checkpoints is None else int(max_checkpoints)
-        self.revisions = None if revisions is None else [str(r) for r in revisions]
+        self.null_samples = int(null_samples)
 
     def _resolve(self, ctx) -> tuple[int, list[str]]:
         seed = ctx.anchor if self.seed is None else self.seed
@@ -162,45 +91,17 @@ class CheckpointDrift(AnalysisCallback):
             picks.add(best)
         return sorted(picks)
 
-    def _checkpoints(self, ctx, seed: int) -> dict[int, tuple[str, object]]:
-        """step -> (label, a function loading that checkpoint's model)."""
-        layout = ctx.runs[seed]
-        if not ctx.pretrained:
-            if self.revisions:
-                raise PolymorphError("checkpoint_drift.revisions is for pretrained models "
-                                     "(model_source=pretrained); a trained run follows its own "
-                                     "saved step checkpoints: drop the setting")
-            return {step: (path.name, partial(_load_step, layout, path))
-                    for step, path in layout.step_checkpoints().items()}
-        model_cfg = ctx.run_configs[seed].model
-        out = {}
-        for rev in self.revisions or []:
-            m = re.fullmatch(r"step(\d+)", rev)
-            if m is None:
-                raise PolymorphError(f"checkpoint_drift.revisions: {rev!r} is not a step{{N}} "
-                                     f"revision (e.g. step1000)")
-            out[int(m.group(1))] = (rev, partial(_load_revision, model_cfg, rev))
-        return out
-
     @torch.no_grad()
     def run(self, ctx) -> dict:
         seed, sites = self._resolve(ctx)
         layout = ctx.runs[seed]
-        kept = self._checkpoints(ctx, seed)
+        kept = {c.step: c for c in ctx.family.checkpoints(layout)}
         notes: list[str] = []
-        index = {}
-        if ctx.pretrained:
-            notes.append(f"pretrained model: following revisions {self.revisions} of seed {seed} "
-                         f"against {ctx.run_configs[seed].model.revision}; no val_min_acc")
-        elif layout.checkpoint_index.is_file():
-            try:
-                index = read_json(layout.checkpoint_index)
-            except CheckpointError as err:
-                notes.append(f"unreadable checkpoint index ({err}): val_min_acc is null")
-        else:
-            notes.append(f"no checkpoint index at {layout.checkpoint_index}: val_min_acc is null")
-        if ctx.pretrained and not kept:
-            notes.append("no revisions configured (checkpoint_drift.revisions=[step1000,...])")
+        if not kept:
+            notes.append(f"the {ctx.family.name} family lists no intermediate checkpoints for "
+                         f"seed {seed} (family=pretrained: family.revisions=[step1000,...]): "
+                         "nothing to follow")
+        rank = ctx.family.rank_metric
         best_step = None
         if layout.final_metrics.is_file():
             best_step = read_json(layout.final_metrics).get("best_step")
@@ -208,7 +109,7 @@ class CheckpointDrift(AnalysisCallback):
         if len(steps) < len(kept):
             notes.append(f"followed {len(steps)} of {len(kept)} kept checkpoints "
                          f"(max_checkpoints={self.max_checkpoints})")
-        n_null = int(ctx.cfg.analysis.haar_null_samples)
+        n_null = self.null_samples
         score = ctx.score_batch
         final = {b: {s: ctx.acts[b][seed][s] for s in sites} for b in ("fit", score)}
         ceilings = {}
@@ -223,13 +124,14 @@ class CheckpointDrift(AnalysisCallback):
         rows_steps = []
         previous = None
         for step in ctx.progress(steps, desc=f"checkpoint_drift (seed {seed})"):
-            label, load = kept[step]
-            model = load()
+            checkpoint = kept[step]
+            model = checkpoint.load()
             acts = {"fit": ctx.collect(model, "fit", sites)}
             acts[score] = acts["fit"] if score == "fit" else ctx.collect(model, score, sites)
             del model
-            val = index.get(str(step), {}).get(MIN_ACC)
-            rows_steps.append({"step": step, "checkpoint": label, "val_min_acc": val,
+            val = checkpoint.metrics.get(rank) if rank else None
+            rows_steps.append({"step": step, "checkpoint": checkpoint.label, "val_min_acc": val,
+                               "lr": checkpoint.metrics.get("lr"),
                                "is_best": step == best_step})
             for site in sites:
                 to_final, rot = rotation_summary(acts["fit"][site], final["fit"][site],
@@ -252,11 +154,10 @@ class CheckpointDrift(AnalysisCallback):
                                        "is_best": step == best_step, "to_final": to_final,
                                        "from_previous": from_prev, "sae": sae})
             previous = acts
-        if not kept and not ctx.pretrained:
-            notes.append(f"{layout.checkpoints} holds no step checkpoints: nothing to follow")
         return {
             "seed": seed,
             "sites": sites,
+            "final": ctx.family.final_label(layout),
             "best_step": best_step,
             "steps": rows_steps,
             "per_site": per_site,
@@ -271,7 +172,8 @@ class CheckpointDrift(AnalysisCallback):
             **EV_DEFINITIONS,
             "steps": "every kept step checkpoint of the seed's run "
             "(checkpoints/step=*.safetensors), or max_checkpoints of them",
-            "val_min_acc": f"{MIN_ACC} of that checkpoint from checkpoints/index.json: minimum "
+            "val_min_acc": f"{ctx.family.rank_metric} of that checkpoint (the family's rank metric; "
+            "null for families without one), from checkpoints/index.json: minimum "
             "accuracy over 3 heads x {train, compositional, long} validation sets",
             "is_best": "this checkpoint is the run's best (the final analysed model)",
             "to_final": "rotation R fitted (Procrustes, group "
@@ -380,7 +282,7 @@ class CheckpointDrift(AnalysisCallback):
                           color=colour, label=label)
             vals = [(e["step"], e["val_min_acc"]) for e in entries if e["val_min_acc"] is not None]
             if vals:
-                ax_e.plot(*zip(*vals), color="black", lw=1, ls=":", label=MIN_ACC)
+                ax_e.plot(*zip(*vals), color="black", lw=1, ls=":", label="val/min_acc")
             lo = min(min(e[p][k] for e in entries) for p, k, _, _ in series.values())
             ax_e.set_ylim(max(-2.0, min(0.0, lo) - 0.05), 1.05)  # naive EVs can be << 0
             ax_e.set_ylabel("explained variance (ev_standard)")
@@ -397,7 +299,7 @@ class CheckpointDrift(AnalysisCallback):
             "",
             (
                 f"Seed {result['seed']}: each kept checkpoint's activations against the final "
-                f"model's ({_final_label(ctx, result)}). ||R - I||_F of the rotation fitted "
+                f"model's ({result['final']}). ||R - I||_F of the rotation fitted "
                 "from the checkpoint to the final model, on the span of the activations (about "
                 "sqrt(2r) for a Haar draw, r the span's dimension; 0 for the same frame), the EV "
                 "of the final activations by the rotated checkpoint activations, and the final "

@@ -1,14 +1,14 @@
 """Everything the analysis callbacks share, computed once per analysis.
 
-* the experiment's finished seeds and their best checkpoints;
-* activations of every seed at every site on a fixed *fit* batch and a separate
-  held-out *eval* batch (the same token sequences for every seed, so rows align);
+* the experiment's finished seeds, their model family and their analysed models;
+* activations of every seed at every site on a fixed *fit* batch and a separate held-out
+  *eval* batch (the same inputs for every seed, so rows align);
 * one rotation per (pair, site), fitted on the fit batch (``analysis.group``);
 * every seed's SAE per site (the SAE config of this analysis' ``sae`` settings).
 
-Pair convention: ``(a, b)`` maps seed ``b``'s activations into seed ``a``'s
-frame (``rotation.apply(acts[b]) ~ acts[a]``); with ``analysis.pairs=anchor``,
-``a`` is always the anchor.
+Pair convention: ``(a, b)`` maps seed ``b``'s activations into seed ``a``'s frame
+(``rotation.apply(acts[b]) ~ acts[a]``); with ``analysis.pairs=anchor``, ``a`` is always the
+anchor.
 """
 
 from __future__ import annotations
@@ -23,25 +23,32 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from polymorph.activations import SiteError, check_sites, collect_activations
+from polymorph.activations import (
+    SiteError,
+    check_sites,
+    collect_activations,
+    distinct_residual_sites,
+)
 from polymorph.align.procrustes import Rotation, fit_rotation
 from polymorph.errors import PolymorphError
-from polymorph.layout import RunLayout, find_seed_runs
-from polymorph.token_batches import batch_tokens, is_pretrained, position_mask
+from polymorph.families import ModelFamily, Readout, TokenBatch, build_family
+from polymorph.layout import RunLayout
+from polymorph.runs import finished_runs, read_run_config
 
 log = logging.getLogger(__name__)
 
 PAIR_MODES = ("anchor", "all")
 SCORE_ON = ("eval", "fit")
-# Saved-config sections that must agree for seeds to be comparable at all.
-COMPARABLE_KEYS = ("model", "io")
+GROUPS = ("O", "SO")
+PRECISIONS = ("float64", "float32")
 
 
 @dataclass
 class AnalysisContext:
-    cfg: DictConfig
+    experiment: str
     experiment_dir: Path
     out_dir: Path
+    family: ModelFamily
     anchor: int
     seeds: list[int]
     runs: dict[int, RunLayout]
@@ -49,21 +56,34 @@ class AnalysisContext:
     run_configs: dict[int, DictConfig]
     sites: list[str]
     pairs: list[tuple[int, int]]
-    tokens: dict[str, torch.Tensor]  # "fit" / "eval" -> [n_sequences, length]
-    masks: dict[str, torch.Tensor]  # "fit" / "eval" -> which positions give activation rows
+    batches: dict[str, TokenBatch]  # "fit" / "eval"
     acts: dict[str, dict[int, dict[str, torch.Tensor]]]  # batch -> seed -> site -> [n, d]
     rotations: dict[tuple[int, int, str], Rotation]
     saes: dict[int, dict[str, Any]]  # seed -> site -> polymorph.sae.io.SavedSAE
     sae_config_id: str | None
     group: str
     score_on: str
+    batch_size: int = 512
+    fit_precision: str = "float64"
     missing: list[str] = field(default_factory=list)  # what could not be analysed, and why
     show_progress: bool = True
+
+    @property
+    def readout(self) -> Readout:
+        return self.family.readout
 
     @property
     def score_batch(self) -> str:
         """The batch every score is computed on: 'eval' (held out) unless score_on=fit."""
         return "fit" if self.score_on == "fit" else "eval"
+
+    @property
+    def tokens(self) -> dict[str, torch.Tensor]:
+        return {name: b.tokens for name, b in self.batches.items()}
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {name: b.mask for name, b in self.batches.items()}
 
     def scoring_acts(self, seed: int, site: str) -> torch.Tensor:
         return self.acts[self.score_batch][seed][site]
@@ -71,26 +91,30 @@ class AnalysisContext:
     def collect(self, model, batch: str, sites: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Activations of any model on the context's ``batch`` ("fit" / "eval"), rows aligned
         with ``acts[batch]`` (same tokens, same kept positions)."""
-        return collect_activations(model, self.tokens[batch], list(sites or self.sites),
-                                   batch_size=self.batch_size, mask=self.masks[batch])
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.cfg.analysis.get("batch_size") or 512)
-
-    @property
-    def pretrained(self) -> bool:
-        return is_pretrained(self.cfg)
+        b = self.batches[batch]
+        return collect_activations(model, b.tokens, list(sites or self.sites), mask=b.mask,
+                                   batch_size=self.batch_size)
 
     def rotation(self, a: int, b: int, site: str) -> Rotation:
         """The rotation mapping seed b's activations into seed a's frame at ``site``."""
         return self.rotations[(a, b, site)]
+
+    def to_frame_of(self, target: int, source: int, site: str) -> Rotation:
+        """The rotation mapping ``source``'s frame into ``target``'s at ``site`` (the fitted one
+        or its inverse, whichever direction the context holds)."""
+        if (target, source, site) in self.rotations:
+            return self.rotations[(target, source, site)]
+        if (source, target, site) in self.rotations:
+            return self.rotations[(source, target, site)].inverse()
+        raise PolymorphError(f"no rotation between seeds {target} and {source} at {site}; the "
+                             "analysis context fits one per pair and site")
 
     def progress(self, iterable, **kwargs):
         return tqdm(iterable, disable=not self.show_progress, **kwargs)
 
     def description(self) -> dict:
         return {
+            **self.family.description(),
             "anchor": self.anchor,
             "seeds": self.seeds,
             "pairs": [list(p) for p in self.pairs],
@@ -99,104 +123,90 @@ class AnalysisContext:
             "group": self.group,
             "score_on": self.score_on,
             "scored_batch": self.score_batch,
-            "fit_rows": int(self.acts["fit"][self.anchor][self.sites[0]].shape[0]),
-            "eval_rows": int(self.acts["eval"][self.anchor][self.sites[0]].shape[0]),
+            "fit_batch": self.batches["fit"].description,
+            "eval_batch": self.batches["eval"].description,
+            "fit_rows": self.batches["fit"].n_rows,
+            "eval_rows": self.batches["eval"].n_rows,
             "sae_config_id": self.sae_config_id,
         }
 
 
-def _finished_runs(cfg: DictConfig, root: Path) -> dict[int, RunLayout]:
-    runs = find_seed_runs(root, str(cfg.name))
-    found = sorted(runs)
-    finished = {s: r for s, r in runs.items() if r.is_finished()}
-    wanted = cfg.analysis.seeds
-    if wanted is not None:
-        wanted = [int(s) for s in wanted]
-        absent = [s for s in wanted if s not in finished]
-        if absent:
+def check_analysis_config(cfg: DictConfig) -> None:
+    """The analysis settings the config alone can check, before anything loads."""
+    a = cfg.analysis
+    for key, allowed in (("pairs", PAIR_MODES), ("score_on", SCORE_ON), ("group", GROUPS),
+                         ("fit_precision", PRECISIONS)):
+        if str(a.get(key)) not in allowed:
+            raise PolymorphError(f"analysis.{key}={a.get(key)} is unknown; use one of "
+                                 f"{', '.join(allowed)}")
+
+
+def _check_comparable(family: ModelFamily, configs: dict[int, DictConfig]) -> None:
+    first = next(iter(configs))
+    ref = family.comparable(configs[first])
+    for seed, config in configs.items():
+        mine = family.comparable(config)
+        if mine != ref:
+            keys = sorted(k for k in set(ref) | set(mine) if ref.get(k) != mine.get(k))
             raise PolymorphError(
-                f"analysis.seeds asks for seeds {absent}, which have no finished run in "
-                f"{root / str(cfg.name)} (finished: {sorted(finished) or 'none'}); train them with "
-                f"python train.py -m seed=... name={cfg.name}"
-            )
-        finished = {s: finished[s] for s in wanted}
-    if not finished:
-        raise PolymorphError(
-            f"no finished seeds in {root / str(cfg.name)} (seed folders found: {found or 'none'}); "
-            f"train some first: python train.py -m seed=0..8 experiment={cfg.name}"
-        )
-    if len(finished) < 2:
-        raise PolymorphError(
-            f"only seed {sorted(finished)} is finished in {root / str(cfg.name)}: a cross-seed "
-            f"analysis needs at least two; train more with python train.py -m seed=0..8 "
-            f"experiment={cfg.name}"
-        )
-    return dict(sorted(finished.items()))
+                f"runs disagree on {keys}: seed {first} has {[ref.get(k) for k in keys]}, seed "
+                f"{seed} has {[mine.get(k) for k in keys]}; analyse comparable seeds only "
+                f"(analysis.seeds=[...]) or retrain them alike")
 
 
-def _comparable(config: DictConfig, key: str):
-    value = OmegaConf.to_container(config[key], resolve=True)
-    if key == "model" and is_pretrained(config) and isinstance(value, dict):
-        value.pop("model_id", None)  # each PolyPythia seed is its own repository
-    return value
+def train_command(cfg: DictConfig) -> str:
+    """The ``python train.py -m ...`` prefix that trains this analysis' experiment."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = [o for o in HydraConfig.get().overrides.task
+                     if not o.split("=", 1)[0].lstrip("+~").startswith(("analysis", "seed"))]
+    except (ImportError, ValueError):
+        overrides = [f"name={cfg.name}"]
+    return " ".join(["python train.py -m", *overrides])
 
 
-def _check_comparable(configs: dict[int, DictConfig]) -> None:
-    first_seed = next(iter(configs))
-    for key in COMPARABLE_KEYS:
-        ref = _comparable(configs[first_seed], key)
-        differing = [s for s, c in configs.items() if _comparable(c, key) != ref]
-        if differing:
-            raise PolymorphError(
-                f"runs disagree on `{key}`: seed {first_seed} has {ref}, seeds {differing} differ; "
-                f"analyse comparable seeds only (analysis.seeds=[...]) or retrain them alike"
-            )
-
-
-def build_context(cfg: DictConfig, root: Path, out_dir: Path, show_progress: bool = True) -> AnalysisContext:
-    from polymorph.pipeline import load_run_model
+def build_context(cfg: DictConfig, root: Path, out_dir: Path, show_progress: bool = True,
+                  family: ModelFamily | None = None) -> AnalysisContext:
     from polymorph.sae import SAETrainConfig, config_id
     from polymorph.sae.io import load_sae
 
     a = cfg.analysis
-    if a.pairs not in PAIR_MODES:
-        raise PolymorphError(f"analysis.pairs={a.pairs} is unknown; use one of {PAIR_MODES}")
-    if a.score_on not in SCORE_ON:
-        raise PolymorphError(f"analysis.score_on={a.score_on} is unknown; use one of {SCORE_ON}")
-    if a.group not in ("O", "SO"):
-        raise PolymorphError(f"analysis.group={a.group} is unknown; use O or SO")
-    runs = _finished_runs(cfg, root)
+    check_analysis_config(cfg)
+    family = family or build_family(cfg)
+    specs = {"fit": a.fit_batch, "eval": a.eval_batch}
+    family.check_batches({"SAE training (activations)": cfg.activations,
+                          **{f"analysis.{k}_batch": v for k, v in specs.items()}})
+    wanted = None if a.seeds is None else [int(s) for s in a.seeds]
+    runs = finished_runs(root, str(cfg.name), wanted, train_command=train_command(cfg))
     anchor = int(a.anchor)
     if anchor not in runs:
         raise PolymorphError(
-            f"anchor seed {anchor} has no finished run in {root / str(cfg.name)} (finished seeds: "
-            f"{sorted(runs)}); pick one with analysis.anchor=<seed>"
-        )
+            f"anchor seed {anchor} has no finished run in {root / str(cfg.name)} (finished "
+            f"seeds: {sorted(runs)}); pick one with analysis.anchor=<seed>")
     seeds = [anchor] + [s for s in runs if s != anchor]
-    models, configs = {}, {}
-    for seed in seeds:
-        models[seed], configs[seed] = load_run_model(runs[seed], "best")
-    _check_comparable(configs)
-    sites = [str(s) for s in cfg.sites]
+    family.validate_seeds(seeds)
+    configs = {seed: read_run_config(runs[seed]) for seed in seeds}
+    _check_comparable(family, configs)
+    models = {}
+    for seed in tqdm(seeds, desc="models", disable=not show_progress):
+        models[seed] = family.load(runs[seed], "best")
+    sites = ([str(s) for s in cfg.sites] if cfg.get("sites") is not None
+             else distinct_residual_sites(models[anchor]))
     try:
         check_sites(models[anchor], sites)
     except SiteError as err:
         raise PolymorphError(str(err)) from err
 
     experiment_dir = root / str(cfg.name)
-    tokenizer = getattr(models[anchor], "tokenizer", None)
-    specs = {"fit": a.fit_batch, "eval": a.eval_batch}
-    tokens = {name: batch_tokens(cfg, spec, experiment_dir, tokenizer) for name, spec in specs.items()}
-    masks = {name: position_mask(cfg, tokens[name], specs[name]) for name in specs}
-    if is_pretrained(cfg):
-        _check_disjoint(cfg, specs)
+    batches = {name: family.token_batch(spec, experiment_dir, models[anchor])
+               for name, spec in specs.items()}
     batch_size = int(a.get("batch_size") or 512)
     acts: dict[str, dict[int, dict[str, torch.Tensor]]] = {"fit": {}, "eval": {}}
     for seed in tqdm(seeds, desc="activations", disable=not show_progress):
-        for name in ("fit", "eval"):
-            acts[name][seed] = collect_activations(
-                models[seed], tokens[name], sites, batch_size=batch_size, mask=masks[name]
-            )
+        for name, batch in batches.items():
+            acts[name][seed] = collect_activations(models[seed], batch.tokens, sites,
+                                                   mask=batch.mask, batch_size=batch_size)
 
     if a.pairs == "anchor":
         pairs = [(anchor, s) for s in seeds if s != anchor]
@@ -205,12 +215,9 @@ def build_context(cfg: DictConfig, root: Path, out_dir: Path, show_progress: boo
     rotations = {}
     work = [(p, site) for p in pairs for site in sites]
     for (sa, sb), site in tqdm(work, desc="rotations (pair, site)", disable=not show_progress):
-        rotations[(sa, sb, site)] = fit_rotation(
-            acts["fit"][sb][site],
-            acts["fit"][sa][site],
-            group=str(a.group),
-            precision=str(a.get("fit_precision", "float64")),
-        )
+        rotations[(sa, sb, site)] = fit_rotation(acts["fit"][sb][site], acts["fit"][sa][site],
+                                                 group=str(a.group),
+                                                 precision=str(a.fit_precision))
 
     missing: list[str] = []
     saes: dict[int, dict[str, Any]] = {s: {} for s in seeds}
@@ -230,42 +237,9 @@ def build_context(cfg: DictConfig, root: Path, out_dir: Path, show_progress: boo
     for m in missing:
         log.warning("missing: %s", m)
     return AnalysisContext(
-        cfg=cfg,
-        experiment_dir=experiment_dir,
-        out_dir=out_dir,
-        anchor=anchor,
-        seeds=seeds,
-        runs=runs,
-        models=models,
-        run_configs=configs,
-        sites=sites,
-        pairs=pairs,
-        tokens=tokens,
-        masks=masks,
-        acts=acts,
-        rotations=rotations,
-        saes=saes,
-        sae_config_id=cid,
-        group=str(a.group),
-        score_on=str(a.score_on),
-        missing=missing,
-        show_progress=show_progress,
-    )
-
-
-def _check_disjoint(cfg: DictConfig, specs: dict) -> None:
-    """Corpus slices for SAE training, fitting and scoring must not overlap (held-out scores)."""
-    spans = {"SAE training (activations)": cfg.activations, **{f"analysis.{k}_batch": v for k, v in specs.items()}}
-    ranges = {}
-    for name, spec in spans.items():  # token ranges of the packed stream
-        start, n, length = int(spec.get("offset", 0)), int(spec.n_sequences), int(spec.seq_len)
-        ranges[name] = (start * length, (start + n) * length)
-    items = list(ranges.items())
-    for i, (na, (a0, a1)) in enumerate(items):
-        for nb, (b0, b1) in items[i + 1:]:
-            if a0 < b1 and b0 < a1:
-                raise PolymorphError(
-                    f"corpus slices overlap: {na} reads tokens {a0}..{a1 - 1} of the packed "
-                    f"stream, {nb} reads {b0}..{b1 - 1}; give them disjoint offsets (offset counts "
-                    f"windows of seq_len tokens) so every score is held out"
-                )
+        experiment=str(cfg.name), experiment_dir=experiment_dir, out_dir=out_dir,
+        family=family, anchor=anchor, seeds=seeds, runs=runs, models=models,
+        run_configs=configs, sites=sites, pairs=pairs, batches=batches, acts=acts,
+        rotations=rotations, saes=saes, sae_config_id=cid, group=str(a.group),
+        score_on=str(a.score_on), batch_size=batch_size, fit_precision=str(a.fit_precision),
+        missing=missing, show_progress=show_progress)

@@ -1,9 +1,11 @@
 """convergence: does the cross-seed map become a pure rotation as the seeds converge?
 
-For every training step at which both seeds of an analysed pair kept a checkpoint (or
-``max_steps`` of those steps, evenly spaced, first and last kept): the seeds' activations at that
-step on the fit and eval batches, then per (pair, site) the held-out EV of the orthogonal map and of the affine
-(general linear) map, against step and against the seeds' ``val/min_acc`` at that step.
+For every training step at which both seeds of an analysed pair have an intermediate checkpoint
+(the family's checkpoints: kept steps of a trained run, or published revisions), or
+``max_steps`` of those steps evenly spaced (first and last kept): the seeds' activations at that
+step on the fit and eval batches, then per (pair, site) the held-out EV of the orthogonal map
+and of the affine (general linear) map, against step and against the seeds' rank metric
+(``val/min_acc``) and learning rate at that step.
 """
 
 from __future__ import annotations
@@ -13,13 +15,18 @@ from pathlib import Path
 from polymorph.align.maps import fit_map, score_map
 from polymorph.analysis.base import AnalysisCallback
 from polymorph.analysis.plots import plt, save
-from polymorph.checkpoints import read_json
 from polymorph.errors import PolymorphError
 
 
-def pair_steps(ctx) -> dict[tuple[int, int], list[int]]:
-    """For every analysed pair, the checkpoint steps both of its seeds saved."""
-    saved = {s: set(ctx.runs[s].step_checkpoints()) for s in ctx.seeds}
+def seed_checkpoints(ctx) -> dict[int, dict]:
+    """Per seed, its intermediate checkpoints by step."""
+    return {s: {c.step: c for c in ctx.family.checkpoints(ctx.runs[s])} for s in ctx.seeds}
+
+
+def pair_steps(ctx, checkpoints: dict[int, dict] | None = None) -> dict[tuple[int, int], list[int]]:
+    """For every analysed pair, the checkpoint steps both of its seeds have."""
+    checkpoints = checkpoints if checkpoints is not None else seed_checkpoints(ctx)
+    saved = {s: set(c) for s, c in checkpoints.items()}
     shared = {(a, b): sorted(saved[a] & saved[b]) for a, b in ctx.pairs}
     if not any(shared.values()):
         listing = "; ".join(f"seed {s}: {sorted(v) or 'none'}" for s, v in saved.items())
@@ -47,22 +54,24 @@ class Convergence(AnalysisCallback):
         self.sites = None if sites is None else [str(s) for s in sites]
 
     def run(self, ctx) -> dict:
-        from polymorph.pipeline import load_run_model
-
         sites = self.sites or ctx.sites
         unknown = [s for s in sites if s not in ctx.sites]
         if unknown:
             raise PolymorphError(f"convergence.sites {unknown} are not analysis sites {ctx.sites}")
-        shared = pair_steps(ctx)
+        checkpoints = seed_checkpoints(ctx)
+        shared = pair_steps(ctx, checkpoints)
         steps_all = sorted(set().union(*shared.values()))
         steps = spaced(steps_all, self.max_steps)
-        acc = {s: read_json(ctx.runs[s].checkpoint_index) for s in ctx.seeds}
+        rank = ctx.family.rank_metric
+
+        def metric(seed, step, key):
+            return checkpoints[seed][step].metrics.get(key) if key else None
         rows = []
         for step in ctx.progress(steps, desc="convergence (step)"):
             pairs = [p for p in ctx.pairs if step in shared[p]]
             acts = {}
             for seed in sorted({s for p in pairs for s in p}):
-                model, _ = load_run_model(ctx.runs[seed], str(ctx.runs[seed].step_checkpoint(step)))
+                model = checkpoints[seed][step].load()
                 acts[seed] = {
                     name: ctx.collect(model, name, sites)
                     for name in {"fit", ctx.score_batch}
@@ -75,8 +84,10 @@ class Convergence(AnalysisCallback):
                         "step": step,
                         "pair": [a, b],
                         "site": site,
-                        "min_acc_a": acc[a].get(str(step), {}).get("val/min_acc"),
-                        "min_acc_b": acc[b].get(str(step), {}).get("val/min_acc"),
+                        "min_acc_a": metric(a, step, rank),
+                        "min_acc_b": metric(b, step, rank),
+                        "lr_a": metric(a, step, "lr"),
+                        "lr_b": metric(b, step, "lr"),
                     }
                     for family in ("orthogonal", "affine"):
                         ev = score_map(fit_map(src_fit, tgt_fit, family), src, tgt)
@@ -88,7 +99,10 @@ class Convergence(AnalysisCallback):
                 "orthogonal_ev_*": "held-out EV of seed a's activations from seed b's through the "
                 "orthogonal map fitted on the fit batch, both seeds at the same training step",
                 "affine_ev_*": "the same through the affine (general linear) map",
-                "min_acc_a / min_acc_b": "val/min_acc of each seed at that step (its index.json)",
+                "min_acc_a / min_acc_b": f"{rank} of each seed at that step (its index.json; "
+                "null for a family without a rank metric)",
+                "lr_a / lr_b": "the learning rate each seed's checkpoint was taken at (null where "
+                "not recorded)",
                 "common_steps": "every step saved by both seeds of at least one analysed pair",
             },
             "common_steps": steps_all,

@@ -26,10 +26,17 @@ def rotation_key(a: int, b: int, site: str) -> str:
 
 
 class HaarDiagnosticsCallback(AnalysisCallback):
+    """Args: null_samples: Monte-Carlo Haar draws per (d, group) for p-values and bands."""
+
     name = "haar"
 
+    def __init__(self, null_samples: int = 1000) -> None:
+        if int(null_samples) < 2:
+            raise ValueError(f"null_samples must be >= 2, got {null_samples}")
+        self.null_samples = int(null_samples)
+
     def run(self, ctx) -> dict:
-        n_null = int(ctx.cfg.analysis.haar_null_samples)
+        n_null = self.null_samples
         rows, per_site = [], {}
         self._angles: dict[str, np.ndarray] = {}
         self._null = {}

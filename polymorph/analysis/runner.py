@@ -13,15 +13,16 @@ import math
 import time
 from pathlib import Path
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from polymorph.analysis.base import AnalysisCallback
-from polymorph.analysis.context import build_context
-from polymorph.checkpoints import atomic_write_json, atomic_write_text
+from polymorph.analysis.context import build_context, check_analysis_config
 from polymorph.errors import PolymorphError
-from polymorph.pipeline import output_root, versions
-from polymorph.token_batches import describe_batch
+from polymorph.families import ModelFamily, build_family
+from polymorph.files import atomic_write_json, atomic_write_text
+from polymorph.instantiation import build
+from polymorph.runs import output_root
+from polymorph.versions import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,21 @@ def analysis_dir(cfg: DictConfig) -> Path:
     return output_root(cfg) / str(cfg.name) / "analysis"
 
 
-def build_callbacks(cfg: DictConfig) -> dict[str, AnalysisCallback]:
+def build_callbacks(cfg: DictConfig, family: ModelFamily) -> dict[str, AnalysisCallback]:
+    """Every configured callback, each checked against the family before anything loads."""
     callbacks = {}
     for name, node in (cfg.analysis.get("callbacks") or {}).items():
         if node is None:
             continue
-        cb = instantiate(node)
+        where = f"analysis.callbacks.{name}"
+        try:
+            cb = build(node, where)
+        except (ValueError, TypeError) as err:  # a callback's own argument checks
+            raise PolymorphError(f"{where}: {err}") from err
         if not isinstance(cb, AnalysisCallback):
-            raise PolymorphError(f"analysis.callbacks.{name} is not an AnalysisCallback ({type(cb)})")
+            raise PolymorphError(f"{where} is not an AnalysisCallback ({type(cb).__name__}); "
+                                 "give it a _target_ of one (polymorph/analysis/)")
+        cb.check(family, where)
         callbacks[name] = cb
     return callbacks
 
@@ -66,9 +74,11 @@ def analyze(cfg: DictConfig, show_progress: bool = True) -> tuple[dict, dict]:
     out_dir = analysis_dir(cfg)
     fig_dir = out_dir / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
-    callbacks = build_callbacks(cfg)
+    check_analysis_config(cfg)
+    family = build_family(cfg)
+    callbacks = build_callbacks(cfg, family)
     start = time.perf_counter()
-    ctx = build_context(cfg, root, out_dir, show_progress=show_progress)
+    ctx = build_context(cfg, root, out_dir, show_progress=show_progress, family=family)
     results: dict = {
         "meta": {
             "experiment": str(cfg.name),
@@ -77,7 +87,7 @@ def analyze(cfg: DictConfig, show_progress: bool = True) -> tuple[dict, dict]:
             "missing": list(ctx.missing),
             "failed": {},
             "partial": bool(ctx.missing),
-            "versions": versions(),
+            "versions": library_versions(),
             "config": OmegaConf.to_container(cfg, resolve=True),
             "timings_seconds": {"context": round(time.perf_counter() - start, 2)},
         }
@@ -115,20 +125,20 @@ def analyze(cfg: DictConfig, show_progress: bool = True) -> tuple[dict, dict]:
 
 def render_report(ctx, results: dict, sections: list[str]) -> str:
     meta = results["meta"]
-    a = ctx.cfg.analysis
+    mode = "anchor" if all(a == ctx.anchor for a, _ in ctx.pairs) else "all"
+    held_out = "held out" if ctx.score_batch == "eval" else "IN-SAMPLE: the published protocol"
     head = [
         f"# polymorph analysis: `{meta['experiment']}`",
         "",
-        f"- seeds: {ctx.seeds} (anchor {ctx.anchor}); pairs: {a.pairs} "
-        f"({len(ctx.pairs)}: seed b mapped into seed a's frame)",
+        f"- family: `{ctx.family.name}`; seeds: {ctx.seeds} (anchor {ctx.anchor}); pairs: "
+        f"{mode} ({len(ctx.pairs)}: seed b mapped into seed a's frame)",
         f"- sites: {', '.join(f'`{s}`' for s in ctx.sites)}",
         f"- rotations: group {ctx.group}, fitted on the fit batch "
-        f"({describe_batch(ctx.cfg, a.fit_batch)}); scored on the {ctx.score_batch} batch "
-        f"({'held out' if ctx.score_batch == 'eval' else 'IN-SAMPLE: the published protocol'}; "
-        f"eval batch: {describe_batch(ctx.cfg, a.eval_batch)})",
+        f"({ctx.batches['fit'].description}); scored on the {ctx.score_batch} batch "
+        f"({held_out}; eval batch: {ctx.batches['eval'].description})",
         f"- SAE config: `{ctx.sae_config_id}`",
-        f"- rerun: `python analyze.py experiment={meta['experiment']}` (full resolved config in "
-        f"results.json under meta.config)",
+        f"- rerun: `{meta.get('command') or 'python analyze.py experiment=' + meta['experiment']}`"
+        " (full resolved config in results.json under meta.config)",
         f"- time: {meta['timings_seconds'].get('total', float('nan')):.1f} s",
         "",
     ]
@@ -140,21 +150,11 @@ def render_report(ctx, results: dict, sections: list[str]) -> str:
     caveats = [
         "## Caveats",
         "",
-        "- Explained variance is reported under two definitions (see results.json `definitions`): "
-        "ev_standard (per-dimension-centred total variance) and ev_published (variance of all "
-        "entries around one grand mean, as in the published code).",
-        "- With `analysis.score_on=fit` every score is in-sample, as published; the default scores "
-        "on a held-out batch.",
-    ]
-    if ctx.pretrained:
-        caveats.append(
-            "- Pretrained models: activations skip the first position of every corpus window (the "
-            "attention sink); SAE-training, fit and eval windows are disjoint slices of the corpus.")
-    else:
-        caveats.append(
-            "- Where a site's activations span fewer than d dimensions (e.g. "
-            "`blocks.0.hook_resid_pre` = token embedding + a 6-dim positional code: at most 15 "
-            "directions), the rotation is only determined on that span; its Haar diagnostics then "
-            "say little about the complement.")
+        "- Explained variance is reported under two definitions (see results.json "
+        "`definitions`): ev_standard (per-dimension-centred total variance) and ev_published "
+        "(variance of all entries around one grand mean, as in the published code).",
+        "- With `analysis.score_on=fit` every score is in-sample, as published; the default "
+        "scores on a held-out batch.",
+    ] + [f"- {c}" for c in ctx.family.caveats()]
     body = "\n\n".join(s for s in sections if s)
     return "\n".join(head) + "\n" + body + "\n\n" + "\n".join(caveats) + "\n"

@@ -40,13 +40,6 @@ KINDS = ("self", "naive", "rotated", "floor")
 DEFINITIONS = ("ev_standard", "ev_published")
 UNIV_KEYS = ("mean_max_cos", "frac_above_0_5", "hungarian_mean_cos")
 MARKERS = {"relu_l1": "o", "topk": "s"}
-# rotated EV as a fraction of self EV (ev_standard) below which the report calls transfer lost
-KEEP_FRACTION = 0.9
-# an SAE whose self EV (ev_standard) is below this does not reconstruct its own seed: the
-# rotated/self ratio says nothing about transfer there, so the reading leaves it out
-USABLE_SELF_EV = 0.5
-# families are compared on their sparse configurations only (dense codes transfer trivially)
-SPARSE_L0 = 32
 
 
 def _mean(values) -> float:
@@ -83,8 +76,27 @@ def discover(ctx) -> tuple[dict[str, list[str]], list[dict]]:
 class Sparsity(AnalysisCallback):
     name = "sparsity"
 
+    """Args:
+        sites: sites to analyse (None: every analysis site).
+        hungarian: also compute the one-to-one decoder matching (O(n^3) per pair).
+        chance_trials: Monte-Carlo draws for the random-dictionary chance level.
+        min_configs: sites with fewer shared SAE configurations have no sweep and are skipped.
+        keep_fraction: rotated EV as a fraction of self EV (ev_standard) below which the
+            reading calls transfer lost.
+        usable_self_ev: an SAE whose self EV (ev_standard) is below this does not reconstruct
+            its own seed, so its rotated/self ratio says nothing: the reading leaves it out.
+        sparse_l0: families are compared on their configurations at or below this L0 only
+            (dense codes transfer trivially).
+    """
+
     def __init__(self, sites: list[str] | None = None, hungarian: bool = True,
-                 chance_trials: int = 3, min_configs: int = 2) -> None:
+                 chance_trials: int = 3, min_configs: int = 2, keep_fraction: float = 0.9,
+                 usable_self_ev: float = 0.5, sparse_l0: float = 32) -> None:
+        if not 0 < float(keep_fraction) <= 1:
+            raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1]")
+        self.keep_fraction = float(keep_fraction)
+        self.usable_self_ev = float(usable_self_ev)
+        self.sparse_l0 = float(sparse_l0)
         self.sites = list(sites) if sites else None
         # A site with fewer shared configs than this has no sweep to show: sae_transfer and
         # universality already report its one config, so it is skipped (and says so) rather
@@ -309,11 +321,11 @@ class Sparsity(AnalysisCallback):
     def reading(self, result: dict) -> str:
         """One paragraph generated from the numbers."""
         parts = []
-        unusable = [e for e in result["configs"] if not e["self_ev_standard"] >= USABLE_SELF_EV]
+        unusable = [e for e in result["configs"] if not e["self_ev_standard"] >= self.usable_self_ev]
         if unusable:
             parts.append(
                 f"{len(unusable)} configuration-site(s) reconstruct their own seed with self EV < "
-                f"{USABLE_SELF_EV:g} ("
+                f"{self.usable_self_ev:g} ("
                 + ", ".join(f"{e['config_id']} at `{e['site']}`: L0 {e['l0']:.1f}, self EV "
                             f"{e['self_ev_standard']:.3f}" for e in unusable)
                 + "): they are not working SAEs, so the reading below leaves them out."
@@ -323,7 +335,7 @@ class Sparsity(AnalysisCallback):
             entries = [e for e in usable if e["site"] == site]
             if not entries:
                 continue
-            lost = [e for e in entries if e.get("rotated_over_self", 1.0) < KEEP_FRACTION]
+            lost = [e for e in entries if e.get("rotated_over_self", 1.0) < self.keep_fraction]
             worst = min(entries, key=lambda e: e.get("rotated_over_self", 1.0))
             sparse = entries[0]
             text = (
@@ -334,11 +346,11 @@ class Sparsity(AnalysisCallback):
             )
             if lost:
                 text += (
-                    f"it falls below {KEEP_FRACTION:g} for {len(lost)} configuration(s) "
+                    f"it falls below {self.keep_fraction:g} for {len(lost)} configuration(s) "
                     f"(L0 <= {max(e['l0'] for e in lost):.1f}). "
                 )
             else:
-                text += f"it stays above {KEEP_FRACTION:g} for every configuration. "
+                text += f"it stays above {self.keep_fraction:g} for every configuration. "
             text += (
                 f"Rotated firing overlap goes from {sparse['firing_overlap_rotated']:.3f} (sparsest) "
                 f"to {entries[-1]['firing_overlap_rotated']:.3f} (densest); Hungarian decoder match "
@@ -348,13 +360,13 @@ class Sparsity(AnalysisCallback):
             parts.append(text)
         fams = {}
         for e in usable:
-            if e["l0"] <= SPARSE_L0:
+            if e["l0"] <= self.sparse_l0:
                 fams.setdefault(e["architecture"], []).append(e)
         if fams:
             means = {a: _mean(e.get("rotated_over_self") for e in es) for a, es in fams.items()}
             best = max(means, key=means.get)
             parts.append(
-                f"Among working configurations with L0 <= {SPARSE_L0}, mean rotated/self EV by "
+                f"Among working configurations with L0 <= {self.sparse_l0}, mean rotated/self EV by "
                 "family: "
                 + ", ".join(f"{a} {v:.3f} ({len(fams[a])} config-sites)" for a, v in means.items())
                 + (f"; {best} keeps transfer best on this measure." if len(fams) > 1 else

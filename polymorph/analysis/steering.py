@@ -1,231 +1,90 @@
 """steering: do steering vectors built on the anchor move the other seeds, raw or rotated?
 
-METHOD.md, "Steering". Three diff-of-means vectors are built on the anchor's activations at one
-residual site over the non-PAD positions of the analysis eval batch, then added as
-``sign * alpha * v`` at every position of that site (a TransformerLens forward hook):
+Written once for every family; two strategies (``_target_`` nodes, see
+:mod:`polymorph.analysis.steering_strategies`) say how vectors are built (Dyck label contrasts,
+or prompt contrasts for language models) and how an effect is measured (a head's accuracy drop,
+or next-token KL).
 
-* ``depth_4_to_5``: mean(depth == 5) - mean(depth == 4), added; targets the depth head on the
-  positions whose depth label is 4 (pushing 4 towards 5 makes it wrong);
-* ``suppress_invalid``: mean(valid == 1 & depth == 4) - mean(valid == 0 & depth == 4),
-  subtracted; targets the valid head on the positions labelled invalid (valid == 1);
-* ``closer``: mean(closer tokens) - mean(opener tokens), added; targets the tok head on the
-  opener positions. The vector is a token-identity direction (opener vs closer) and the tok head
-  is the only head whose label is a function of the current token alone, so it is the head the
-  vector speaks to directly; being a copy task it may be hard to move (a "none" regime then says
-  so rather than hiding it behind another head's indirect response).
+Protocol. The vectors are built on the anchor at one residual site from the **fit** batch (or
+from prompts), and every effect is scored on the first ``n_sequences`` of the held-out scored
+batch, so nothing is scored on the data a vector was built from. ``sign * alpha * v`` is added at
+every position of that site (a TransformerLens forward hook), at each dose alpha, in five
+conditions:
 
-Effect of one steered run = baseline accuracy - steered accuracy of the targeted head on the
-targeted positions (the drop in conditional accuracy; positive = the vector did its job). It is
-measured on the anchor (within), on every other seed with the raw vector (unchanged coordinates,
-the published protocol), on every other seed with the vector moved into that seed's frame by the
-fitted rotation (polymorph's addition), and for a random vector of equal norm (the control) on
-the anchor and on every other seed. Transfer ratio = cross effect / within effect.
+* ``within``: the anchor with v; ``within_random``: the anchor with a random direction of the
+  same norm (one per vector, seeded);
+* on every other seed: ``raw`` (v in unchanged coordinates, the published protocol), ``rotated``
+  (v moved into that seed's frame by the fitted rotation) and ``random`` (the random direction,
+  the cross-seed control).
+
+Transfer ratio = cross effect / within effect. The regime of a vector on a seed, at the
+reference dose, with W, Rw the within and within-random effects, C the cross effect (raw or
+rotated) and Rc that seed's random effect, and a margin m:
+
+* ``none``: W <= max(Rw, 0) + m: the vector does not beat a random push on its own model, so
+  there is nothing to transfer (its ratio is null);
+* ``no_transfer``: C <= max(Rc, 0) + m (the vector does no more to the other seed than a random
+  push does) and no larger dose changes that;
+* otherwise by C / W: ``inverted`` above the clean range (off-target damage: more effect on the
+  other seed than on its own), ``clean`` inside it, ``partial`` below it when a larger dose
+  reaches W, ``no_transfer`` when none does.
+
+Every effect and ratio has a percentile-bootstrap interval over the steered sequences (one
+resample shared by every condition); the means over seeds also resample the seeds.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from polymorph.align.haar import diagnose, haar_null
-from polymorph.align.procrustes import Rotation
+from polymorph.align.outputs import per_sequence
 from polymorph.align.transfer import transfer_vector
 from polymorph.analysis.base import AnalysisCallback
 from polymorph.analysis.plots import COLOURS, plt, save
 from polymorph.errors import PolymorphError
-from polymorph.models.dyck import split_logits
-from polymorph.tasks.dyck import FIRST_BRACKET, HEADS, LAST_BRACKET, PAD, label_tokens
 
-DEFAULT_SITE = "blocks.1.hook_resid_mid"
-VECTORS = ("depth_4_to_5", "suppress_invalid", "closer")
-# Transfer ratios inside this range at the reference alpha count as "clean" (symmetric in log
-# scale: 0.67 ~ 1 / 1.5).
-CLEAN_RANGE = (0.67, 1.5)
-# A within effect must beat the random control by this much (accuracy, absolute) to be a real
-# effect; below it the ratio is noise over noise and the regime is "none".
-MIN_EFFECT = 0.01
 REGIMES = ("clean", "partial", "inverted", "no_transfer", "none")
+CROSS_KINDS = ("raw", "rotated", "random")
 FIGURE_FILE = "steering_dose_response.png"
-
-# What each vector is: the two groups whose means are subtracted, whether it is added (+1) or
-# subtracted (-1), and the targeted head and positions.
-SPECS: dict[str, dict] = {
-    "depth_4_to_5": {
-        "plus": "depth label == 5", "minus": "depth label == 4", "sign": 1, "head": "depth",
-        "targets": "positions with depth label 4 (accuracy = depth head still predicts 4)",
-    },
-    "suppress_invalid": {
-        "plus": "valid label == 1 (invalid prefix) and depth label == 4",
-        "minus": "valid label == 0 (valid prefix) and depth label == 4", "sign": -1,
-        "head": "valid",
-        "targets": "positions with valid label 1, i.e. invalid prefixes (accuracy = valid head "
-        "still predicts 'invalid')",
-    },
-    "closer": {
-        "plus": "closer tokens ) ] }", "minus": "opener tokens ( [ {", "sign": 1, "head": "tok",
-        "targets": "opener positions (accuracy = tok head still predicts the opener's own id)",
-    },
-}
-
-
-def row_labels(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The three labels at the non-PAD positions of ``tokens``, one row per position.
-
-    Rows are ordered by sequence, then position: the order of
-    :func:`polymorph.activations.collect_activations`, so row i here is activation row i.
-    """
-    batch = label_tokens(tokens)
-    return {head: batch.labels[head][batch.mask] for head in HEADS}
-
-
-def _bracket_kind(tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    is_bracket = (tok >= FIRST_BRACKET) & (tok <= LAST_BRACKET)
-    odd = (tok - FIRST_BRACKET).remainder(2) == 1
-    return is_bracket & ~odd, is_bracket & odd  # (opener, closer)
-
-
-def vector_groups(labels: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per vector, the (plus, minus) row masks whose activation means are subtracted."""
-    depth, valid = labels["depth"], labels["valid"]
-    opener, closer = _bracket_kind(labels["tok"])
-    return {
-        "depth_4_to_5": (depth == 5, depth == 4),
-        "suppress_invalid": ((valid == 1) & (depth == 4), (valid == 0) & (depth == 4)),
-        "closer": (closer, opener),
-    }
-
-
-def target_masks(labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per vector, the row mask of the positions whose targeted-head accuracy is the effect."""
-    opener, _ = _bracket_kind(labels["tok"])
-    return {
-        "depth_4_to_5": labels["depth"] == 4,
-        "suppress_invalid": labels["valid"] == 1,
-        "closer": opener,
-    }
-
-
-@dataclass(frozen=True)
-class SteeringVector:
-    """One diff-of-means direction in the anchor's frame.
-
-    ``direction`` = mean(acts[plus]) - mean(acts[minus]) (float64 [d]); the steering delta at
-    alpha is ``sign * alpha * direction``.
-    """
-
-    name: str
-    direction: torch.Tensor
-    sign: int
-    head: str
-    n_plus: int
-    n_minus: int
-
-    @property
-    def norm(self) -> float:
-        return float(self.direction.norm())
-
-
-def build_vectors(acts: torch.Tensor, labels: dict[str, torch.Tensor]
-                  ) -> tuple[dict[str, SteeringVector], dict[str, str]]:
-    """The three steering vectors from activations [n, d] and row-aligned labels.
-
-    Returns (vectors, skipped): a vector with an empty group (e.g. no depth-5 position in the
-    batch) is not built; ``skipped[name]`` says which group was empty.
-    """
-    n = acts.shape[0]
-    if any(v.shape[0] != n for v in labels.values()):
-        raise ValueError(f"activations have {n} rows but the labels have "
-                         f"{[v.shape[0] for v in labels.values()]}: they must be the same "
-                         "non-PAD positions in the same order")
-    vectors, skipped = {}, {}
-    for name, (plus, minus) in vector_groups(labels).items():
-        spec = SPECS[name]
-        empty = [desc for desc, m in ((spec["plus"], plus), (spec["minus"], minus)) if not m.any()]
-        if empty:
-            skipped[name] = f"no position with {' / '.join(empty)} in the eval batch"
-            continue
-        x = acts.double()
-        direction = x[plus].mean(0) - x[minus].mean(0)
-        vectors[name] = SteeringVector(name, direction, spec["sign"], spec["head"],
-                                       int(plus.sum()), int(minus.sum()))
-    return vectors, skipped
-
-
-@torch.no_grad()
-def head_predictions(model, tokens: torch.Tensor, site: str | None = None,
-                     delta: torch.Tensor | None = None, batch_size: int = 512
-                     ) -> dict[str, torch.Tensor]:
-    """Argmax class of every head at the non-PAD positions, optionally steered.
-
-    With ``delta`` ([d]), ``delta`` is added to the activation at hook ``site`` at every position
-    (PAD included: the model is causal and PAD only trails, so that changes no scored position).
-    Returns head -> long [n_rows], rows in :func:`row_labels` order.
-    """
-    device = next(model.parameters()).device
-    hooks = []
-    if delta is not None:
-        add = delta.detach().to(device, torch.float32)
-
-        def steer(act, hook):
-            return act + add.to(act.dtype)
-
-        hooks = [(site, steer)]
-    out: dict[str, list[torch.Tensor]] = {h: [] for h in HEADS}
-    for start in range(0, tokens.shape[0], batch_size):
-        chunk = tokens[start : start + batch_size]
-        mask = chunk != PAD
-        width = int(mask.sum(1).max())
-        logits = model.run_with_hooks(chunk[:, :width].to(device), fwd_hooks=hooks)
-        heads = split_logits(logits)
-        keep = mask[:, :width].to(device)
-        for head in HEADS:
-            out[head].append(heads[head][keep].argmax(-1).cpu())
-    return {h: torch.cat(v) for h, v in out.items()}
-
-
-def accuracy(preds: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> float:
-    """Fraction of the masked rows where ``preds == labels`` (NaN for an empty mask)."""
-    if not mask.any():
-        return float("nan")
-    return float((preds[mask] == labels[mask]).double().mean())
 
 
 def transfer_ratio(cross: float, within: float, eps: float = 1e-12) -> float | None:
     """cross / within, or None when the within effect is (numerically) zero."""
-    if abs(within) <= eps or not (math.isfinite(cross) and math.isfinite(within)):
+    if within is None or cross is None or abs(within) <= eps or not (
+            math.isfinite(cross) and math.isfinite(within)):
         return None
     return cross / within
 
 
 def classify_regime(alphas: list[float], within: list[float], cross: list[float],
-                    random_within: list[float], reference_alpha: float,
-                    clean_range: tuple[float, float] = CLEAN_RANGE,
-                    min_effect: float = MIN_EFFECT) -> str:
-    """The transfer regime of one vector on one seed (lists are per alpha, aligned with alphas).
-
-    With W, C, Rw the within, cross and random-within effects at the reference alpha:
-      * ``none``: W <= max(Rw, 0) + min_effect (the vector does not beat a random one of the
-        same norm on its own model, so there is nothing to transfer);
-      * ``inverted``: C / W > clean_range[1] (cross effect larger than within);
-      * ``clean``: clean_range[0] <= C / W <= clean_range[1];
-      * ``partial``: C / W < clean_range[0], but at some larger alpha the cross effect reaches W
-        (a larger dose is needed);
-      * ``no_transfer``: C / W < clean_range[0] and no tested larger alpha reaches W.
-    """
+                    random_within: list[float], random_cross: list[float],
+                    reference_alpha: float, clean_range: tuple[float, float],
+                    margin: float) -> str:
+    """The transfer regime of one vector on one seed (lists are per alpha; see the module
+    docstring for the rule)."""
     i = alphas.index(reference_alpha)
     w = within[i]
-    if not w > max(random_within[i], 0.0) + min_effect:
+    if not w > max(random_within[i], 0.0) + margin:
         return "none"
+
+    def beats_control(j: int) -> bool:
+        return cross[j] > max(random_cross[j], 0.0) + margin
+
+    larger = [j for j, a in enumerate(alphas) if a > reference_alpha]
+    if not beats_control(i):
+        if any(beats_control(j) and cross[j] >= w for j in larger):
+            return "partial"
+        return "no_transfer"
     ratio = cross[i] / w
     low, high = clean_range
     if ratio > high:
         return "inverted"
     if ratio >= low:
         return "clean"
-    if any(c >= w for a, c in zip(alphas, cross) if a > reference_alpha):
+    if any(cross[j] >= w for j in larger):
         return "partial"
     return "no_transfer"
 
@@ -240,25 +99,10 @@ def pick_reference_alpha(alphas: list[float], wanted: float | None) -> float:
     return min(alphas, key=lambda a: (abs(a - 1.0), a))
 
 
-def to_seed_frame(ctx, anchor: int, seed: int, site: str) -> Rotation:
-    """The rotation mapping the anchor's frame into ``seed``'s frame at ``site``."""
-    if (anchor, seed, site) in ctx.rotations:
-        return ctx.rotation(anchor, seed, site).inverse()
-    if (seed, anchor, site) in ctx.rotations:
-        return ctx.rotation(seed, anchor, site)
-    raise PolymorphError(f"no rotation between seeds {anchor} and {seed} at {site}; the analysis "
-                         "context fits one per pair and site")
-
-
-def fixed_overlap(v: torch.Tensor, projector: torch.Tensor) -> float:
-    """||P v|| / ||v||: the fraction of v's length inside the near-fixed subspace of R."""
-    v = v.double()
-    return float((projector.double() @ v).norm() / v.norm())
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
     a, b = a.double(), b.double()
-    return float(a @ b / (a.norm() * b.norm()))
+    den = float(a.norm() * b.norm())
+    return float(a @ b) / den if den > 0 else None
 
 
 def _mean(values) -> float | None:
@@ -267,25 +111,30 @@ def _mean(values) -> float | None:
 
 
 class Steering(AnalysisCallback):
-    """Dose-response of three steering vectors, within the anchor and across seeds.
+    """Dose-response of steering vectors within the anchor and across seeds.
 
     Args:
-        site: the residual hook to steer at; must be one of the analysis sites (rotations exist
-            only there).
-        alphas: the doses; each is one steered forward pass per vector and model.
-        random_seed: seeds the random control directions (one per vector, drawn in VECTORS
-            order, rescaled to the vector's norm).
-        reference_alpha: the dose at which the regime is judged (None: the alpha closest to 1).
-        n_sequences: steer on the first n sequences of the eval batch only (None: all of it);
-            the vectors are always built on the whole eval batch.
-        batch_size: sequences per forward pass.
+        vectors: how vectors are built (a strategy: ``LabelContrasts``, ``PromptContrasts``).
+        effect: how an effect is measured (``HeadAccuracyDrop``, ``NextTokenKL``).
+        site: the residual hook to steer at; an analysis site (rotations exist only there);
+            None: the middle analysis site.
+        alphas: the doses; each is one steered forward pass per vector, model and condition.
+        random_seed: seeds the random control directions (one per vector, in build order).
+        reference_alpha: the dose regimes are judged at (None: the alpha closest to 1).
+        n_sequences: steer the first n sequences of the scored batch (None: all of it).
+        margin: how much (in the effect's units) an effect must beat its random control to
+            count; in [0, 1].
+        clean_range: transfer ratios inside this range are "clean" (symmetric in log scale).
+        n_boot: bootstrap resamples for the intervals (>= 100); level: their coverage.
     """
 
     name = "steering"
 
-    def __init__(self, site: str = DEFAULT_SITE, alphas=(0.5, 1.0, 2.0, 4.0), random_seed: int = 0,
+    def __init__(self, vectors, effect, site: str | None = None,
+                 alphas=(0.5, 1.0, 2.0, 4.0), random_seed: int = 0,
                  reference_alpha: float | None = None, n_sequences: int | None = None,
-                 batch_size: int = 512) -> None:
+                 margin: float = 0.01, clean_range=(0.67, 1.5), n_boot: int = 1000,
+                 level: float = 0.95, boot_seed: int = 0) -> None:
         alphas = [float(a) for a in alphas]
         if not alphas or not all(math.isfinite(a) for a in alphas):
             raise ValueError(f"alphas must be a non-empty list of finite doses, got {alphas}")
@@ -293,190 +142,238 @@ class Steering(AnalysisCallback):
             raise ValueError(f"alphas has duplicates: {alphas}")
         if n_sequences is not None and int(n_sequences) < 1:
             raise ValueError(f"n_sequences must be None (all) or >= 1, got {n_sequences}")
-        self.site = str(site)
+        if not 0.0 <= float(margin) <= 1.0:
+            raise ValueError(f"margin={margin} must be in [0, 1] (in the effect's units)")
+        lo, hi = (float(x) for x in clean_range)
+        if not 0 < lo <= 1 <= hi:
+            raise ValueError(f"clean_range={clean_range} must be (low <= 1 <= high), low > 0")
+        if int(n_boot) < 100:
+            raise ValueError(f"n_boot={n_boot} is too few for a 95% interval: use >= 100")
+        if not 0.0 < float(level) < 1.0:
+            raise ValueError(f"level={level} must be in (0, 1)")
+        if getattr(vectors, "readout", None) != getattr(effect, "readout", None):
+            raise ValueError(f"the vector strategy ({type(vectors).__name__}) reads "
+                             f"{getattr(vectors, 'readout', None)} outputs but the effect "
+                             f"({type(effect).__name__}) reads {getattr(effect, 'readout', None)}")
+        self.vectors, self.effect = vectors, effect
+        self.readouts = (vectors.readout,)
+        self.site = None if site is None else str(site)
         self.alphas = alphas
         self.random_seed = int(random_seed)
         self.reference_alpha = pick_reference_alpha(alphas, reference_alpha)
         self.n_sequences = None if n_sequences is None else int(n_sequences)
-        self.batch_size = int(batch_size)
+        self.margin = float(margin)
+        self.clean_range = (lo, hi)
+        self.n_boot, self.level, self.boot_seed = int(n_boot), float(level), int(boot_seed)
 
     # -- computation ---------------------------------------------------------------------
 
-    def _random_directions(self, d: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.random_seed)
-        return torch.randn(len(VECTORS), d, generator=g, dtype=torch.float64)
-
-    def run(self, ctx) -> dict:
-        site, anchor = self.site, ctx.anchor
+    def _site(self, ctx) -> str:
+        site = self.site or ctx.sites[len(ctx.sites) // 2]
         if site not in ctx.sites:
             raise PolymorphError(
                 f"steering site {site} is not an analysis site, and rotations exist only there; "
-                f"use one of {list(ctx.sites)} (analysis.callbacks.steering.site=...) or add it to "
-                "sites=[...]"
-            )
+                f"use one of {list(ctx.sites)} (analysis.callbacks.steering.site=...) or add it "
+                "to sites=[...]")
+        return site
+
+    def _deltas(self, ctx, site, vectors) -> dict[int, dict[tuple[str, str, int], torch.Tensor]]:
+        """The delta of every (vector, condition, alpha), grouped by the model it runs on."""
+        anchor = ctx.anchor
         others = [s for s in ctx.seeds if s != anchor]
-        acts = ctx.acts["eval"][anchor][site]
-        vectors, skipped = build_vectors(acts, row_labels(ctx.tokens["eval"]))
-        tokens = ctx.tokens["eval"]
-        if self.n_sequences is not None:
-            tokens = tokens[: self.n_sequences]
-        labels = row_labels(tokens)
-        targets = target_masks(labels)
-        d = acts.shape[1]
-        random_dirs = self._random_directions(d)
-
-        # Per other seed: the anchor -> seed map and R's near-fixed subspace.
-        n_null = int(ctx.cfg.analysis.haar_null_samples)
-        frames, diags = {}, {}
-        for seed in others:
-            frames[seed] = to_seed_frame(ctx, anchor, seed, site)
-            null = haar_null(d, frames[seed].group, n_null)
-            diags[seed] = diagnose(frames[seed].matrix, null)
-
-        def predict(seed, delta=None):
-            return head_predictions(ctx.models[seed], tokens, site, delta, self.batch_size)
-
-        baseline = {seed: predict(seed) for seed in ctx.progress(ctx.seeds,
-                                                                  desc="steering baselines")}
-        work = []  # (vector, seed, kind, alpha index)
-        for name in vectors:
-            for i in range(len(self.alphas)):
-                work += [(name, anchor, "within", i), (name, anchor, "random_within", i)]
+        d = next(iter(vectors.values())).direction.shape[0]
+        g = torch.Generator().manual_seed(self.random_seed)
+        random = torch.randn(len(vectors), d, generator=g, dtype=torch.float64)
+        frames = {seed: ctx.to_frame_of(seed, anchor, site) for seed in others}
+        deltas: dict[int, dict] = {s: {} for s in ctx.seeds}
+        for k, (name, vec) in enumerate(vectors.items()):
+            r = random[k] * (vec.norm / float(random[k].norm()))
+            moved = {seed: transfer_vector(vec.direction, frames[seed]) for seed in others}
+            for i, alpha in enumerate(self.alphas):
+                dose = vec.sign * alpha
+                deltas[anchor][(name, "within", i)] = dose * vec.direction
+                deltas[anchor][(name, "within_random", i)] = dose * r
                 for seed in others:
-                    work += [(name, seed, k, i) for k in ("raw", "rotated", "random")]
-        acc: dict[tuple, float] = {}
-        for name, seed, kind, i in ctx.progress(work, desc="steering (vector, seed, alpha)"):
-            vec = vectors[name]
-            if kind in ("within", "raw"):
-                direction = vec.direction
-            elif kind == "rotated":
-                direction = transfer_vector(vec.direction, frames[seed])
-            else:
-                r = random_dirs[VECTORS.index(name)]
-                direction = r * (vec.norm / float(r.norm()))
-            delta = vec.sign * self.alphas[i] * direction
-            preds = predict(seed, delta)
-            acc[(name, seed, kind, i)] = accuracy(preds[vec.head], labels[vec.head],
-                                                  targets[name])
+                    deltas[seed][(name, "raw", i)] = dose * vec.direction
+                    deltas[seed][(name, "rotated", i)] = dose * moved[seed]
+                    deltas[seed][(name, "random", i)] = dose * r
+        self._moved = moved if others else {}
+        return deltas
 
+    @torch.no_grad()
+    def _effect_sums(self, ctx, site, batch, deltas, vectors):
+        """Per (seed, condition): float64 [S] numerators and denominators of the effect, per
+        steered sequence. Chunk by chunk, the clean outputs of a chunk are computed once and
+        compared with every steered run of that model on the chunk."""
+        readout, n_seq = ctx.readout, batch.n_sequences
+        sums = {seed: {c: [torch.zeros(n_seq, dtype=torch.float64),
+                           torch.zeros(n_seq, dtype=torch.float64)] for c in conds}
+                for seed, conds in deltas.items()}
+        chunks = list(batch.chunks(ctx.batch_size))
+        work = [(seed, chunk) for seed in ctx.seeds for chunk in chunks]
+        for seed, (start, tokens, mask) in ctx.progress(work, desc="steering (seed, chunk)"):
+            model = ctx.models[seed]
+            labels = readout.targets(tokens, mask)
+            rows_seq = mask.nonzero()[:, 0] + start
+            targets = {name: self.vectors.target(name, labels) for name in vectors}
+            state = self.effect.prepare(readout.logits(model, tokens, mask), labels)
+            for cond, delta in deltas[seed].items():
+                add = delta.to(next(model.parameters()).device, torch.float32)
+
+                def steer(act, hook, add=add):
+                    return act + add.to(act.dtype)
+
+                steered = readout.logits(model, tokens, mask, fwd_hooks=[(site, steer)])
+                head, rows = targets[cond[0]]
+                num, den = self.effect.rows(state, steered, labels, head, rows)
+                sums[seed][cond][0] += per_sequence(num, rows_seq, n_seq)
+                sums[seed][cond][1] += per_sequence(den, rows_seq, n_seq)
+                del steered
+        return sums
+
+    def run(self, ctx) -> dict:
+        site, anchor = self._site(ctx), ctx.anchor
+        others = [s for s in ctx.seeds if s != anchor]
+        build_on = "fit"  # vectors from the fit batch; effects on the scored (held-out) batch
+        vectors, skipped = self.vectors.build(ctx, site, build_on)
+        batch = ctx.batches[ctx.score_batch].head(self.n_sequences)
+        if not vectors:
+            return self._empty(ctx, site, batch, skipped)
+        deltas = self._deltas(ctx, site, vectors)
+        sums = self._effect_sums(ctx, site, batch, deltas, vectors)
+        boot = _Bootstrap(batch.n_sequences, self.n_boot, self.level, self.boot_seed)
+        n_alpha = len(self.alphas)
+        i_ref = self.alphas.index(self.reference_alpha)
         out_vectors = {}
-        for name in VECTORS:
-            spec = SPECS[name]
-            entry = {"skipped": skipped.get(name), **spec}
-            if name not in vectors:
-                out_vectors[name] = entry
-                continue
-            vec, mask = vectors[name], targets[name]
-            base = {s: accuracy(baseline[s][vec.head], labels[vec.head], mask) for s in ctx.seeds}
+        for name, vec in vectors.items():
 
-            def series(seed, kind, name=name, base=base):
-                accs = [acc[(name, seed, kind, i)] for i in range(len(self.alphas))]
-                return accs, [base[seed] - a for a in accs]
+            def series(seed, kind, name=name):
+                return [sums[seed][(name, kind, i)] for i in range(n_alpha)]
 
-            w_acc, w_eff = series(anchor, "within")
-            rw_acc, rw_eff = series(anchor, "random_within")
-            entry.update({
-                "norm": vec.norm, "n_plus": vec.n_plus, "n_minus": vec.n_minus,
-                "n_targets": int(mask.sum()),
-                "within": {"baseline_accuracy": base[anchor], "accuracy": w_acc,
-                           "effect": w_eff, "random_accuracy": rw_acc, "random_effect": rw_eff},
+            within = series(anchor, "within")
+            within_random = series(anchor, "within_random")
+            w_eff = [_point(x) for x in within]
+            rw_eff = [_point(x) for x in within_random]
+            entry = {
+                "description": vec.description,
+                "sign": vec.sign, "norm": vec.norm, "n_plus": vec.n_plus, "n_minus": vec.n_minus,
+                "n_targets": int(within[0][1].sum()),
+                "within": {"effect": w_eff, "random_effect": rw_eff,
+                           "effect_ci": [boot.ratio(x) for x in within],
+                           "random_effect_ci": [boot.ratio(x) for x in within_random]},
                 "cross": [],
-            })
+            }
             for seed in others:
-                row = {"seed": seed, "baseline_accuracy": base[seed]}
-                for kind in ("raw", "rotated", "random"):
-                    row[f"{kind}_accuracy"], row[f"{kind}_effect"] = series(seed, kind)
+                row = {"seed": seed}
+                eff = {}
+                for kind in CROSS_KINDS:
+                    s = series(seed, kind)
+                    eff[kind] = [_point(x) for x in s]
+                    row[f"{kind}_effect"] = eff[kind]
+                    row[f"{kind}_effect_ci"] = [boot.ratio(x) for x in s]
                 for kind in ("raw", "rotated"):
-                    row[f"{kind}_ratio"] = [transfer_ratio(c, w)
-                                            for c, w in zip(row[f"{kind}_effect"], w_eff)]
-                    row[f"regime_{kind}"] = classify_regime(
-                        self.alphas, w_eff, row[f"{kind}_effect"], rw_eff, self.reference_alpha)
-                moved = transfer_vector(vec.direction, frames[seed])
-                diag = diags[seed]
-                row.update({
-                    "fixed_overlap": fixed_overlap(vec.direction, diag.fixed_projector),
-                    "fixed_dim_estimate": diag.fixed_dim_estimate,
-                    "fixed_overlap_random_expected": math.sqrt(diag.fixed_dim_estimate / d),
-                    "cos_raw_rotated": cosine(vec.direction, moved),
-                })
+                    regime = classify_regime(self.alphas, w_eff, eff[kind], rw_eff,
+                                             eff["random"], self.reference_alpha,
+                                             self.clean_range, self.margin)
+                    row[f"regime_{kind}"] = regime
+                    if regime == "none":
+                        row[f"{kind}_ratio"] = [None] * n_alpha
+                        row[f"{kind}_ratio_ci"] = [None] * n_alpha
+                    else:
+                        row[f"{kind}_ratio"] = [transfer_ratio(c, w)
+                                                for c, w in zip(eff[kind], w_eff)]
+                        row[f"{kind}_ratio_ci"] = [
+                            boot.ratio_of_ratios(series(seed, kind)[i], within[i])
+                            for i in range(n_alpha)]
+                row["cos_raw_rotated"] = cosine(vec.direction,
+                                                transfer_vector(vec.direction,
+                                                                ctx.to_frame_of(seed, anchor, site)))
                 entry["cross"].append(row)
-            entry["summary"] = self._summary(entry)
+            entry["summary"] = self._summary(entry, i_ref, boot,
+                                             {s: {k: series(s, k)[i_ref] for k in CROSS_KINDS}
+                                              for s in others}, within[i_ref])
             out_vectors[name] = entry
-
         return {
             "site": site,
             "anchor": anchor,
-            "seeds": list(others),
+            "seeds": others,
             "alphas": list(self.alphas),
             "reference_alpha": self.reference_alpha,
             "random_seed": self.random_seed,
-            "n_sequences": int(tokens.shape[0]),
+            "vectors_built_on": build_on,
+            "scored_batch": ctx.score_batch,
+            "n_sequences": batch.n_sequences,
+            "effect_units": self.effect.units,
+            "margin": self.margin,
+            "clean_range": list(self.clean_range),
+            "n_boot": self.n_boot,
+            "level": self.level,
             "vectors": out_vectors,
             "skipped": [f"{k}: {v}" for k, v in skipped.items()],
-            "definitions": self._definitions(ctx, d),
+            "definitions": self._definitions(ctx, site, batch),
         }
 
-    def _summary(self, entry: dict) -> dict:
-        i = self.alphas.index(self.reference_alpha)
+    def _empty(self, ctx, site, batch, skipped) -> dict:
+        return {"site": site, "anchor": ctx.anchor, "seeds": [], "alphas": list(self.alphas),
+                "reference_alpha": self.reference_alpha, "vectors": {},
+                "n_sequences": batch.n_sequences, "effect_units": self.effect.units,
+                "skipped": [f"{k}: {v}" for k, v in skipped.items()],
+                "missing": ["no steering vector could be built: " + "; ".join(skipped.values())],
+                "definitions": self._definitions(ctx, site, batch)}
+
+    def _summary(self, entry: dict, i: int, boot, cross_sums: dict, within_sums) -> dict:
         cross = entry["cross"]
         out = {
             "within_effect": entry["within"]["effect"][i],
+            "within_effect_ci": entry["within"]["effect_ci"][i],
             "random_within_effect": entry["within"]["random_effect"][i],
-            "mean_fixed_overlap": _mean(r["fixed_overlap"] for r in cross),
             "mean_cos_raw_rotated": _mean(r["cos_raw_rotated"] for r in cross),
         }
-        for kind in ("raw", "rotated", "random"):
+        for kind in CROSS_KINDS:
             out[f"mean_{kind}_effect"] = _mean(r[f"{kind}_effect"][i] for r in cross)
+            out[f"mean_{kind}_effect_ci"] = boot.mean_over_seeds(
+                [cross_sums[r["seed"]][kind] for r in cross]) if cross else None
         for kind in ("raw", "rotated"):
-            out[f"mean_{kind}_ratio"] = _mean(r[f"{kind}_ratio"][i] for r in cross)
             labels = [r[f"regime_{kind}"] for r in cross]
             out[f"regime_{kind}_counts"] = {g: labels.count(g) for g in REGIMES if g in labels}
+            usable = [r for r in cross if r[f"regime_{kind}"] != "none"]
+            out[f"mean_{kind}_ratio"] = _mean(r[f"{kind}_ratio"][i] for r in usable)
+            out[f"mean_{kind}_ratio_ci"] = boot.mean_ratio_over_seeds(
+                [cross_sums[r["seed"]][kind] for r in usable], within_sums) if usable else None
         return out
 
-    def _definitions(self, ctx, d: int) -> dict:
-        lo, hi = CLEAN_RANGE
+    def _definitions(self, ctx, site: str, batch) -> dict:
+        lo, hi = self.clean_range
         return {
-            "vectors": {
-                name: f"mean(anchor acts where {s['plus']}) - mean(where {s['minus']}) over the "
-                "non-PAD positions of the whole eval batch; "
-                + ("added as +alpha * v" if s["sign"] > 0 else "subtracted as -alpha * v")
-                + f"; targeted head: {s['head']}; targeted positions: {s['targets']}"
-                for name, s in SPECS.items()
-            },
-            "steering": f"the delta is added to the activation at {self.site} at every position "
-            "(TransformerLens forward hook); one forward pass per (vector, model, alpha, kind)",
-            "accuracy": "fraction of the targeted positions (of the steered sequences) where the "
-            "targeted head's argmax equals its label (conditional accuracy)",
-            "baseline_accuracy": "the same accuracy of the unsteered model",
-            "effect": "baseline_accuracy - steered accuracy (drop in conditional accuracy; "
-            "positive = the steering did what the vector is for); within: on the anchor",
-            "raw_effect": "effect on another seed of the anchor's vector in unchanged coordinates "
-            "(the published cross effect)",
-            "rotated_effect": "effect on another seed of the anchor's vector mapped into that "
-            "seed's frame, v @ R^T (R maps the seed's activations into the anchor's frame; "
-            "polymorph.align.transfer_vector(v, rotation.inverse()))",
-            "random_effect": "effect of a random Gaussian direction rescaled to ||v|| (one per "
-            f"vector, torch seed {self.random_seed}), on the anchor (within.random_effect) or "
-            "on another seed, in raw coordinates (a random direction is random in every frame)",
-            "raw_ratio / rotated_ratio": "transfer ratio = cross effect / within effect at the "
-            "same alpha; null where the within effect is 0",
-            "regime": f"judged at the reference alpha {self.reference_alpha} with W, C, Rw = "
-            f"within, cross, random-within effect: none if W <= max(Rw, 0) + {MIN_EFFECT}; else "
-            f"inverted if C/W > {hi}; clean if {lo} <= C/W <= {hi}; partial if C/W < {lo} but "
-            f"the cross effect at some larger alpha reaches W; no_transfer otherwise. Published "
-            "regimes: clean, partial, inverted",
-            "fixed_overlap": "||P v|| / ||v|| with P the orthogonal projector onto the near-fixed "
-            "subspace of the anchor<->seed rotation R (polymorph.align.haar.diagnose against a "
-            f"Haar null of d={d}, {int(ctx.cfg.analysis.haar_null_samples)} draws): the part "
-            "of v that R leaves in place, so the raw vector already transfers",
-            "fixed_dim_estimate": "dimension of that near-fixed subspace (excess over Haar)",
-            "fixed_overlap_random_expected": "sqrt(fixed_dim_estimate / d): the expected overlap "
-            "of a random direction, for comparison",
-            "cos_raw_rotated": "cosine between v and v @ R^T: how much the raw vector already "
-            "points the right way in the other seed's frame",
-            "n_targets": "number of targeted positions in the steered sequences",
-            "summary": "per vector at the reference alpha: means over the other seeds and counts "
-            "of regimes",
+            "vectors": "built on the anchor at the steering site from the fit batch (or from "
+            "prompts): see each vector's `description`",
+            "steering": f"sign * alpha * v added to the activation at {site} at every position "
+            f"(TransformerLens forward hook) of {batch.description}",
+            "effect": self.effect.definition + f" ({self.effect.units})",
+            "within": "the anchor steered with v",
+            "within.random_effect": "the anchor steered with a random Gaussian direction of norm "
+            f"||v|| (one per vector, torch seed {self.random_seed})",
+            "raw_effect": "another seed steered with v in unchanged coordinates (the published "
+            "cross-seed protocol)",
+            "rotated_effect": "another seed steered with v moved into its frame, v @ R^T with R "
+            "the fitted rotation mapping that seed's activations into the anchor's frame",
+            "random_effect": "another seed steered with the random direction (the cross-seed "
+            "control: a random direction is random in every frame)",
+            "raw_ratio / rotated_ratio": "cross effect / within effect at the same alpha; null "
+            "where the regime is none or the within effect is 0",
+            "regime": f"at the reference alpha {self.reference_alpha}, with W, Rw = within, "
+            f"within-random effect, C = cross effect (raw or rotated), Rc = that seed's random "
+            f"effect, m = {self.margin}: none if W <= max(Rw, 0) + m; no_transfer if C <= "
+            f"max(Rc, 0) + m, unless a larger alpha beats the control and reaches W (partial); "
+            f"else inverted if C/W > {hi}, clean if {lo} <= C/W <= {hi}, partial if C/W < {lo} "
+            "but a larger alpha reaches W, no_transfer otherwise",
+            "*_ci": f"{self.level:.0%} percentile bootstrap interval [low, high] over the steered "
+            f"sequences ({self.n_boot} resamples, one shared by every condition); summary means "
+            "over seeds also resample the seeds",
+            "cos_raw_rotated": "cos(v, v @ R^T): how much the raw vector already points the way "
+            "the rotated one does in the other seed's frame",
+            "summary": "per vector at the reference alpha: means over the other seeds (ratios "
+            "over the seeds whose regime is not none) and counts of regimes",
         }
 
     # -- outputs -----------------------------------------------------------------------
@@ -484,19 +381,17 @@ class Steering(AnalysisCallback):
     def scalars(self, result: dict) -> dict[str, float]:
         out = {}
         for name, entry in result["vectors"].items():
-            if entry.get("skipped"):
-                continue
             s = entry["summary"]
             for key in ("within_effect", "random_within_effect", "mean_raw_effect",
-                        "mean_rotated_effect", "mean_raw_ratio", "mean_rotated_ratio",
-                        "mean_fixed_overlap", "mean_cos_raw_rotated"):
+                        "mean_rotated_effect", "mean_random_effect", "mean_raw_ratio",
+                        "mean_rotated_ratio", "mean_cos_raw_rotated"):
                 if s.get(key) is not None:
                     out[f"{name}/{key}"] = float(s[key])
             n = len(entry["cross"])
             for kind in ("raw", "rotated"):
                 if n:
-                    clean = s[f"regime_{kind}_counts"].get("clean", 0)
-                    out[f"{name}/fraction_clean_{kind}"] = clean / n
+                    out[f"{name}/fraction_clean_{kind}"] = (
+                        s[f"regime_{kind}_counts"].get("clean", 0) / n)
         return out
 
     def tables(self, result: dict) -> dict[str, tuple[list[str], list[list]]]:
@@ -504,35 +399,33 @@ class Steering(AnalysisCallback):
         alphas, ref = result["alphas"], result["reference_alpha"]
         i_ref = alphas.index(ref)
         for name, entry in result["vectors"].items():
-            if entry.get("skipped"):
-                continue
             w = entry["within"]
             for i, a in enumerate(alphas):
-                effects.append([name, result["anchor"], "within", a, w["accuracy"][i],
-                                w["effect"][i], None])
-                effects.append([name, result["anchor"], "random_within", a,
-                                w["random_accuracy"][i], w["random_effect"][i], None])
+                effects.append([name, result["anchor"], "within", a, w["effect"][i],
+                                *(w["effect_ci"][i] or [None, None]), None])
+                effects.append([name, result["anchor"], "within_random", a,
+                                w["random_effect"][i], *(w["random_effect_ci"][i] or [None, None]),
+                                None])
             for row in entry["cross"]:
-                for kind in ("raw", "rotated", "random"):
+                for kind in CROSS_KINDS:
                     for i, a in enumerate(alphas):
                         ratio = row.get(f"{kind}_ratio", [None] * len(alphas))[i]
                         effects.append([name, row["seed"], f"cross_{kind}", a,
-                                        row[f"{kind}_accuracy"][i], row[f"{kind}_effect"][i],
-                                        ratio])
+                                        row[f"{kind}_effect"][i],
+                                        *(row[f"{kind}_effect_ci"][i] or [None, None]), ratio])
                 transfer.append([name, row["seed"], row["regime_raw"], row["regime_rotated"],
                                  row["raw_ratio"][i_ref], row["rotated_ratio"][i_ref],
-                                 row["fixed_overlap"], row["fixed_dim_estimate"],
                                  row["cos_raw_rotated"]])
         return {
-            "steering_effects": (["vector", "seed", "kind", "alpha", "accuracy", "effect",
-                                  "ratio"], effects),
+            "steering_effects": (["vector", "seed", "kind", "alpha", "effect", "ci_low",
+                                  "ci_high", "ratio"], effects),
             "steering_transfer": (["vector", "seed", "regime_raw", "regime_rotated",
-                                   f"raw_ratio@{ref}", f"rotated_ratio@{ref}", "fixed_overlap",
-                                   "fixed_dim_estimate", "cos_raw_rotated"], transfer),
+                                   f"raw_ratio@{ref}", f"rotated_ratio@{ref}", "cos_raw_rotated"],
+                                  transfer),
         }
 
     def figures(self, ctx, result: dict, fig_dir: Path) -> list[Path]:
-        names = [n for n, e in result["vectors"].items() if not e.get("skipped")]
+        names = list(result["vectors"])
         if not names:
             return []
         alphas = result["alphas"]
@@ -542,18 +435,19 @@ class Steering(AnalysisCallback):
         for ax, name in zip(axes[0], names):
             entry = result["vectors"][name]
             w = entry["within"]
-            for row in entry["cross"]:
-                for kind, colour in styles.items():
-                    ax.plot(alphas, row[f"{kind}_effect"], color=colour, lw=0.8, alpha=0.45,
-                            ls=":" if kind == "random" else "-")
             for kind, colour in styles.items():
-                mean = [_mean(r[f"{kind}_effect"][i] for r in entry["cross"])
-                        for i in range(len(alphas))]
-                if entry["cross"]:
-                    ax.plot(alphas, mean, color=colour, lw=2, marker="o", ms=3,
-                            ls=":" if kind == "random" else "-",
-                            label=f"cross {kind}" + (" control" if kind == "random" else ""))
-            ax.plot(alphas, w["effect"], color="black", lw=2, marker="o", ms=3, label="within")
+                rows = entry["cross"]
+                if not rows:
+                    continue
+                mean = [_mean(r[f"{kind}_effect"][i] for r in rows) for i in range(len(alphas))]
+                lo = [min(r[f"{kind}_effect_ci"][i][0] for r in rows) for i in range(len(alphas))]
+                hi = [max(r[f"{kind}_effect_ci"][i][1] for r in rows) for i in range(len(alphas))]
+                ls = ":" if kind == "random" else "-"
+                ax.plot(alphas, mean, color=colour, lw=2, marker="o", ms=3, ls=ls,
+                        label=f"cross {kind}" + (" control" if kind == "random" else ""))
+                ax.fill_between(alphas, lo, hi, color=colour, alpha=0.15, lw=0)
+            ax.errorbar(alphas, w["effect"], yerr=_yerr(w["effect"], w["effect_ci"]),
+                        color="black", lw=2, marker="o", ms=3, capsize=2, label="within")
             ax.plot(alphas, w["random_effect"], color="black", lw=1, ls="--",
                     label="within random control")
             ax.axhline(0, color="grey", lw=0.6)
@@ -561,11 +455,11 @@ class Steering(AnalysisCallback):
                 ax.set_xscale("log", base=2)
             ax.set_xticks(alphas, [f"{a:g}" for a in alphas])
             ax.set_xlabel("alpha")
-            ax.set_ylabel(f"effect: drop in {entry['head']}-head accuracy")
-            ax.set_title(f"{name} ({entry['head']} head)", fontsize=9)
+            ax.set_ylabel(f"effect ({result['effect_units']})")
+            ax.set_title(name, fontsize=9)
         axes[0][0].legend(fontsize=7)
-        fig.suptitle(f"steering at {result['site']} (anchor seed {result['anchor']}; thin lines: "
-                     "single seeds, thick: mean)", fontsize=9)
+        fig.suptitle(f"steering at {result['site']} (anchor seed {result['anchor']}; lines: mean "
+                     "over seeds, bands: the seeds' 95% intervals)", fontsize=9)
         return [save(fig, fig_dir / FIGURE_FILE)]
 
     def report(self, ctx, result: dict, figures) -> str:
@@ -574,57 +468,106 @@ class Steering(AnalysisCallback):
             "## Steering transfer (`steering`)",
             "",
             (
-                f"Diff-of-means vectors built on the anchor (seed {result['anchor']}) at "
-                f"`{result['site']}`, added as ±alpha·v at every position. Effect = drop in the "
-                "targeted head's accuracy on the targeted positions. Cross raw = the same vector "
-                "on another seed (the published test); cross rotated = the vector moved into "
-                "that seed's frame by the fitted rotation; random = a random direction of equal "
-                f"norm. Ratios and regimes at alpha = {ref} (regime rule in results.json "
-                "`steering.definitions.regime`). Overlap = ||Pv||/||v|| with the near-fixed "
-                "subspace of R; cos = cos(v, v R^T). Means over the other seeds."
+                f"Vectors built on the anchor (seed {result['anchor']}) at `{result['site']}` "
+                f"from the {result.get('vectors_built_on', 'fit')} batch, added as ±alpha·v at "
+                f"every position of {result['n_sequences']} held-out sequences. Effect in "
+                f"{result['effect_units']} (definition in results.json). Cross raw = the same "
+                "vector on another seed (the published test); rotated = moved into that seed's "
+                "frame by the fitted rotation; random = a random direction of equal norm (the "
+                f"control on each seed). At alpha = {ref}, means over the other seeds with "
+                f"{result.get('level', 0.95):.0%} bootstrap intervals; ratios only where the "
+                "regime is not none."
             ),
             "",
-            (
-                "| vector | head | within | random | cross raw (ratio) | cross rotated (ratio) "
-                "| regimes raw | regimes rotated | overlap | cos |"
-            ),
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| vector | within [CI] | random | cross raw (ratio) | cross rotated (ratio) | "
+            "cross random | regimes raw | regimes rotated |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-
-        def f(x, fmt="{:+.3f}"):
-            return "n/a" if x is None else fmt.format(x)
-
         for name, entry in result["vectors"].items():
-            if entry.get("skipped"):
-                lines.append(f"| {name} | {entry['head']} | skipped: {entry['skipped']} "
-                             "| | | | | | | |")
-                continue
             s = entry["summary"]
 
             def counts(kind, s=s):
                 return ", ".join(f"{k} {v}" for k, v in s[f"regime_{kind}_counts"].items()) or "-"
 
             lines.append(
-                f"| {name} | {entry['head']} | {f(s['within_effect'])} | "
-                f"{f(s['random_within_effect'])} | {f(s['mean_raw_effect'])} "
-                f"({f(s['mean_raw_ratio'], '{:.2f}')}) | {f(s['mean_rotated_effect'])} "
-                f"({f(s['mean_rotated_ratio'], '{:.2f}')}) | {counts('raw')} | "
-                f"{counts('rotated')} | {f(s['mean_fixed_overlap'], '{:.3f}')} | "
-                f"{f(s['mean_cos_raw_rotated'], '{:.3f}')} |"
-            )
+                f"| {name} | {_ci(s['within_effect'], s['within_effect_ci'])} | "
+                f"{_f(s['random_within_effect'])} | "
+                f"{_ci(s['mean_raw_effect'], s['mean_raw_effect_ci'])} "
+                f"({_f(s['mean_raw_ratio'], '{:.2f}')}) | "
+                f"{_ci(s['mean_rotated_effect'], s['mean_rotated_effect_ci'])} "
+                f"({_f(s['mean_rotated_ratio'], '{:.2f}')}) | {_f(s['mean_random_effect'])} | "
+                f"{counts('raw')} | {counts('rotated')} |")
         lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in figures]
-        lines += [
-            "",
-            (
-                "Caveats: effects are measured on the analysis eval batch the vectors were built "
-                f"on ({result['n_sequences']} sequences steered), so the within effect is "
-                "in-sample. A ratio is noisy when the within effect is small; the regime is "
-                "'none' when the vector does not beat the random control on the anchor by "
-                f"{MIN_EFFECT}. The overlap uses the near-fixed subspace estimated from R's "
-                "eigen-angles; where the activations span fewer than d directions, R (and so "
-                "that subspace) is not determined outside their span."
-            ),
-        ]
         if result["skipped"]:
             lines += ["", "Skipped: " + "; ".join(result["skipped"])]
         return "\n".join(lines)
+
+
+def _point(pair) -> float:
+    num, den = pair
+    d = float(den.sum())
+    return float(num.sum()) / d if d > 0 else float("nan")
+
+
+def _f(x, fmt="{:+.3f}"):
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _ci(x, ci, fmt="{:+.3f}"):
+    if x is None:
+        return "n/a"
+    if not ci:
+        return fmt.format(x)
+    return f"{fmt.format(x)} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+
+
+def _yerr(values, cis):
+    lo = [v - c[0] if c else 0.0 for v, c in zip(values, cis)]
+    hi = [c[1] - v if c else 0.0 for v, c in zip(values, cis)]
+    return [lo, hi]
+
+
+class _Bootstrap:
+    """Percentile bootstrap of ratio-of-sums effects over sequences (one resample shared by
+    every quantity), and over seeds for means across seeds."""
+
+    def __init__(self, n_sequences: int, n_boot: int, level: float, seed: int) -> None:
+        g0 = torch.Generator().manual_seed(seed)
+        idx = torch.randint(0, n_sequences, (n_boot, n_sequences), generator=g0)
+        self.weights = torch.zeros(n_boot, n_sequences, dtype=torch.float64).scatter_add_(
+            1, idx, torch.ones(n_boot, n_sequences, dtype=torch.float64))  # [B, S] counts
+        self.level = level
+        g = torch.Generator().manual_seed(seed + 1)
+        self._g = g
+
+    def _interval(self, samples: torch.Tensor) -> list[float] | None:
+        samples = samples[torch.isfinite(samples)]
+        if samples.numel() < 2:
+            return None
+        a = (1 - self.level) / 2
+        q = torch.quantile(samples, torch.tensor([a, 1 - a], dtype=samples.dtype))
+        return [float(q[0]), float(q[1])]
+
+    def _boot_ratio(self, pair) -> torch.Tensor:
+        num, den = pair
+        return (self.weights @ num) / (self.weights @ den)
+
+    def ratio(self, pair) -> list[float] | None:
+        return self._interval(self._boot_ratio(pair))
+
+    def ratio_of_ratios(self, cross, within) -> list[float] | None:
+        return self._interval(self._boot_ratio(cross) / self._boot_ratio(within))
+
+    def _seed_resample(self, k: int) -> torch.Tensor:
+        return torch.randint(0, k, (self.weights.shape[0], k), generator=self._g)
+
+    def mean_over_seeds(self, pairs: list) -> list[float] | None:
+        per = torch.stack([self._boot_ratio(p) for p in pairs], dim=1)  # [B, k]
+        pick = self._seed_resample(per.shape[1])
+        return self._interval(per.gather(1, pick).mean(1))
+
+    def mean_ratio_over_seeds(self, pairs: list, within) -> list[float] | None:
+        w = self._boot_ratio(within)
+        per = torch.stack([self._boot_ratio(p) / w for p in pairs], dim=1)
+        pick = self._seed_resample(per.shape[1])
+        return self._interval(per.gather(1, pick).mean(1))

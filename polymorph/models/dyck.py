@@ -22,6 +22,8 @@ PUBLISHED_TRAINABLE_PARAMETERS = 104_448
 # Weights that map the model's input and output: shared (and frozen) in the
 # io=shared cohort.
 IO_PARAMETERS = ("embed.W_E", "unembed.W_U")
+# Residual coordinates the fixed positional code writes (0..5); every other one is zero there.
+N_POSITIONAL_FEATURES = 6
 
 
 def positional_code(n_ctx: int, d_model: int) -> torch.Tensor:
@@ -29,8 +31,8 @@ def positional_code(n_ctx: int, d_model: int) -> torch.Tensor:
 
     pos/64, 1/(pos+1), log(pos+1)/log(64), is-BOS, cos(2 pi pos/64), sin(2 pi pos/64).
     """
-    if d_model < 6:
-        raise ValueError(f"the positional code needs d_model >= 6, got {d_model}")
+    if d_model < N_POSITIONAL_FEATURES:
+        raise ValueError(f"the positional code needs d_model >= {N_POSITIONAL_FEATURES}, got {d_model}")
     pos = torch.arange(n_ctx, dtype=torch.float64)
     code = torch.zeros(n_ctx, d_model, dtype=torch.float64)
     code[:, 0] = pos / 64

@@ -16,14 +16,14 @@ name is always complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sae_lens import SAE
+
+from polymorph.files import atomic_folder
+from polymorph.versions import library_versions
 
 SAE_CFG_FILE = "cfg.json"
 SAE_WEIGHTS_FILE = "sae_weights.safetensors"
@@ -65,26 +65,14 @@ def save_sae(
             "sae.cfg.metadata.hook_name / .model_name before saving"
         )
     record = dict(metadata)
-    record.setdefault("versions", _versions())
+    record.setdefault("versions", library_versions())
     polymorph_text = _dumps(record, "metadata")
     metrics_text = _dumps(metrics, "metrics")
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_folder(folder) as tmp:
         sae.save_model(tmp)
         (tmp / POLYMORPH_FILE).write_text(polymorph_text)
         (tmp / METRICS_FILE).write_text(metrics_text)
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -134,15 +122,3 @@ def _dumps(data: Any, what: str) -> str:
             f"SAE {what} must be JSON-serialisable (convert tensors with .tolist() and "
             f"DictConfig with OmegaConf.to_container): {err}"
         ) from err
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for package in ("polymorph", "sae-lens", "torch"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = "unknown"
-    return out

@@ -5,8 +5,9 @@ from __future__ import annotations
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,7 @@ def train_sae(
     default_root_dir: str | Path | None = None,
     log_prefix: str = "sae",
     extra_metadata: dict[str, Any] | None = None,
+    trainer: Callable[..., pl.Trainer] | None = None,
 ) -> tuple[SAE, dict[str, Any]]:
     """Train one SAE on ``activations`` [n, d_in] and return ``(inference_sae, train_info)``.
 
@@ -103,6 +105,10 @@ def train_sae(
     norm and compensates in the encoder, leaving reconstructions unchanged up to float
     rounding (see
     :mod:`polymorph.sae.module`). The result is an inference ``sae_lens.SAE`` on CPU.
+
+    ``trainer``: a partial ``lightning.Trainer`` (the ``sae_trainer`` config node) to train
+    with; it is called with the run-specific arguments (steps, time limit, logger, progress
+    bar, log folder). None: a single-device fp32 Trainer on ``accelerator``.
 
     ``train_info`` holds ``fit_seconds`` (``Trainer.fit`` wall time), ``total_seconds``,
     ``seconds_per_step``, ``steps``, ``samples_seen``, ``stopped_early``, ``loss_history``
@@ -128,18 +134,16 @@ def train_sae(
 
     with tempfile.TemporaryDirectory(prefix="polymorph-sae-") as scratch:
         root_dir = Path(default_root_dir) if default_root_dir is not None else Path(scratch)
-        trainer = pl.Trainer(
-            accelerator=accelerator,
-            devices=1,
-            precision="32-true",
+        if trainer is None:
+            trainer = partial(pl.Trainer, accelerator=accelerator, devices=1,
+                              precision="32-true", enable_checkpointing=False,
+                              enable_model_summary=False, num_sanity_val_steps=0)
+        lightning_trainer = trainer(
             max_epochs=1,
             max_steps=cfg.steps,
             max_time=max_time,
             logger=logger,
-            enable_checkpointing=False,
             enable_progress_bar=progress_bar,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
             log_every_n_steps=min(50, cfg.steps),
             default_root_dir=str(root_dir),
         )
@@ -150,10 +154,10 @@ def train_sae(
             warnings.filterwarnings("ignore", message=r".*IterableDataset.*__len__.*")
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
             t_fit = time.perf_counter()
-            trainer.fit(module, train_dataloaders=loader)
+            lightning_trainer.fit(module, train_dataloaders=loader)
             fit_seconds = time.perf_counter() - t_fit
 
-        steps_done = int(trainer.global_step)
+        steps_done = int(lightning_trainer.global_step)
         trained = module.sae.to("cpu")
         trained.eval()
         export_dir = Path(scratch) / "inference_sae"
@@ -173,6 +177,6 @@ def train_sae(
         "d_in": d_in,
         "d_sae": cfg.d_sae(d_in),
         "config_id": config_id(cfg),
-        "accelerator": accelerator,
+        "accelerator": type(lightning_trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
     }
     return inference_sae, info

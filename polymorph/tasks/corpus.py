@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from polymorph.errors import PolymorphError
+
+log = logging.getLogger(__name__)
 
 # Identity of a corpus: the keys that change which tokens come out.
 CORPUS_KEYS = ("path", "name", "data_files", "split", "text_field", "seed", "shuffle_buffer")
@@ -110,3 +114,40 @@ def corpus_windows(
         )
     flat = torch.tensor(buffer[offset * seq_len : wanted], dtype=torch.long)
     return flat.view(n_sequences, seq_len)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identifies a tokenizer by its vocabulary, not its folder: every PolyPythia seed has its
+    own copy of one tokenizer, and all must share one cached corpus batch."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    blob = json.dumps([vocab, tokenizer.eos_token_id]).encode()
+    return f"{type(tokenizer).__name__}-{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
+def cached_corpus_windows(tokenizer, corpus: CorpusConfig, n_sequences: int, seq_len: int,
+                          offset: int, cache_dir: Path) -> torch.Tensor:
+    """:func:`corpus_windows`, tokenised once per experiment and cached in ``cache_dir`` (keyed
+    on the corpus, the tokenizer's vocabulary and the slice), so every seed and every later
+    analysis sees the identical tokens without streaming the corpus again."""
+    from safetensors.torch import load_file
+
+    from polymorph.files import save_tensors
+    from polymorph.locks import file_lock
+
+    tok_name = tokenizer_fingerprint(tokenizer)
+    key = f"{corpus.fingerprint(tok_name, seq_len)}-offset{offset}-n{n_sequences}"
+    path = Path(cache_dir) / f"{key}.safetensors"
+    with file_lock(Path(cache_dir) / f"{key}.lock"):
+        if path.is_file():
+            try:
+                return load_file(str(path))["tokens"]
+            except Exception as err:  # noqa: BLE001 - a corrupt cache is rebuilt
+                log.warning("corpus cache %s unreadable (%s): rebuilding it", path, err)
+        log.info("tokenising corpus %s: %d windows of %d tokens from window %d", corpus.path,
+                 n_sequences, seq_len, offset)
+        tokens = corpus_windows(tokenizer, corpus, n_sequences, seq_len, offset)
+        meta = {k: str(v) for k, v in asdict(corpus).items()}
+        meta.update(tokenizer=tok_name, seq_len=str(seq_len), offset=str(offset),
+                    n_sequences=str(n_sequences))
+        save_tensors(path, {"tokens": tokens}, meta)
+    return tokens

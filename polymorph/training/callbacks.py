@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from polymorph.checkpoints import atomic_write_json, read_json, save_weights
+from polymorph.checkpoints import save_weights
+from polymorph.files import atomic_path, atomic_write_json, read_json
 from polymorph.layout import RunLayout
 from polymorph.training.transformer_module import MIN_ACC
 
@@ -56,6 +55,8 @@ class RunCheckpoints(Callback):
             return
         step = trainer.global_step
         metrics = dict(pl_module.last_val_metrics)
+        if trainer.optimizers:  # the learning rate the weights were taken at
+            metrics["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
         meta = {"step": step, "metrics": metrics}
         model = pl_module.model
         if self.keep_every > 0 and step % self.keep_every == 0:
@@ -69,9 +70,8 @@ class RunCheckpoints(Callback):
         index = read_json(index_path) if index_path.is_file() else {}
         index[str(step)] = metrics
         atomic_write_json(index_path, index)
-        tmp = self.layout.resume_state.with_name("last.ckpt.tmp")
-        trainer.save_checkpoint(tmp, weights_only=False)
-        os.replace(tmp, self.layout.resume_state)
+        with atomic_path(self.layout.resume_state) as tmp:
+            trainer.save_checkpoint(tmp, weights_only=False)
 
     def state_dict(self) -> dict:
         return {"best_score": self.best_score, "best_step": self.best_step}

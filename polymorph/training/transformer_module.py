@@ -8,7 +8,8 @@ each fixed evaluation set and ``val/min_acc``, the minimum over
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -20,14 +21,6 @@ from polymorph.tasks.datamodule import EVAL_SPLITS
 from polymorph.tasks.dyck import HEADS, DyckBatch
 
 MIN_ACC = "val/min_acc"
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final_fraction: float) -> float:
-    """LR multiplier: linear warm-up to 1, then cosine decay to ``final_fraction`` at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def bucketed_forward(
@@ -61,22 +54,29 @@ def bucketed_forward(
 
 
 class DyckTransformerModule(L.LightningModule):
+    """The Dyck training loop around a HookedTransformer.
+
+    Args:
+        model: the transformer (its frozen parameters are not optimised).
+        optimizer: a partial optimiser, called with the trainable parameters
+            (``training.module.optimizer``, e.g. ``torch.optim.AdamW`` with ``_partial_: true``).
+        scheduler: a partial learning-rate schedule, called with the optimiser and stepped once
+            per optimiser step (``training.module.scheduler``; None: constant learning rate).
+        length_buckets: forward each batch in this many length-sorted slices
+            (:func:`bucketed_forward`).
+    """
+
     def __init__(
         self,
         model: HookedTransformer,
-        lr: float = 3e-3,
-        betas: tuple[float, float] = (0.9, 0.95),
-        weight_decay: float = 1e-4,
-        warmup_steps: int = 500,
-        total_steps: int = 60_000,
-        final_lr_fraction: float = 0.02,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         length_buckets: int = 4,
     ) -> None:
         super().__init__()
         self.model = model
-        self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
-        self.warmup_steps, self.total_steps = warmup_steps, total_steps
-        self.final_lr_fraction = final_lr_fraction
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.length_buckets = length_buckets
         self._val_correct: dict[str, dict[str, int]] = {}
         self._val_count: dict[str, int] = {}
@@ -120,13 +120,8 @@ class DyckTransformerModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: warmup_cosine(
-                step, self.warmup_steps, self.total_steps, self.final_lr_fraction
-            ),
-        )
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,6 +1,8 @@
-"""Loading the PolyPythias (``EleutherAI/pythia-70m-seed{1..9}``) and their revisions.
+"""Loading published checkpoints (the PolyPythias, or a researcher's own seeds) with raw weights.
 
-The seeds are not in TransformerLens' list of official models, and the documented detour
+Any causal language model whose architecture TransformerLens converts (GPT-NeoX as in Pythia,
+GPT-2, Llama-style, ...) loads the same way. The PolyPythias (``EleutherAI/pythia-70m-seed1``
+...) are not in TransformerLens' list of official models, and the documented detour
 (``HookedTransformer.from_pretrained_no_processing("EleutherAI/pythia-70m", hf_model=...)``)
 reads the *official* model's config from the Hub, so it cannot load a model whose shape differs
 (the tiny local stand-ins the tests use). Instead every model is first resolved to a local
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 
 from polymorph.errors import PolymorphError
+from polymorph.files import parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +142,60 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on a GPU, fp32 on a CPU (bf16 matmul on these CPUs is ~60x slower)."""
+    """``auto``: bf16 on a GPU, fp32 on a CPU (the analysis compares residual streams in fp32)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise PolymorphError(f"model.dtype={dtype!r} is unknown; use auto, float32, bfloat16 or float16")
+        return parse_dtype(dtype, "family.dtype")
+    except ValueError as err:
+        raise PolymorphError(f"{err} (or auto)") from None
+
+
+# Architectures TransformerLens converts from a Hugging Face config (a few common ones, for the
+# error message; transformer_lens.loading_from_pretrained.convert_hf_model_config has them all).
+EXAMPLE_ARCHITECTURES = ("GPTNeoXForCausalLM (Pythia)", "GPT2LMHeadModel", "LlamaForCausalLM",
+                         "MistralForCausalLM", "Qwen2ForCausalLM", "GPTNeoForCausalLM")
+
+
+def neutral_path(folder: Path) -> Path:
+    """``folder``, or a symlink to it whose path names no model family.
+
+    TransformerLens picks some architectures by *name* ("llama", "gemma" anywhere in the path)
+    before reading config.json, and then fails on a local folder; a neutral path makes it read
+    the folder's own config."""
+    if not any(word in str(folder).lower() for word in ("llama", "gemma")):
+        return folder
+    import hashlib
+    import tempfile
+
+    link = Path(tempfile.gettempdir()) / (
+        "polymorph-model-" + hashlib.sha256(str(folder).encode()).hexdigest()[:12])
+    if not link.exists():
+        try:
+            link.symlink_to(folder, target_is_directory=True)
+        except FileExistsError:  # another job made it first
+            pass
+    return link
+
+
+def convert_config(folder: Path, what: str) -> dict:
+    """TransformerLens' config dict for the model in ``folder``: a one-line PolymorphError,
+    before any weight is read, if TransformerLens cannot convert its architecture."""
+    import json
+
+    from transformer_lens import loading_from_pretrained as loading
+
+    try:
+        arch = (json.loads((folder / "config.json").read_text()).get("architectures") or ["?"])[0]
+    except (OSError, ValueError) as err:
+        raise PolymorphError(f"{what}: {folder}/config.json is unreadable ({err})") from err
+    try:
+        return loading.convert_hf_model_config(str(neutral_path(folder)))
+    except NotImplementedError:
+        raise PolymorphError(
+            f"{what}: {folder} holds a {arch} model, which TransformerLens cannot convert; use a "
+            f"checkpoint of an architecture it supports (e.g. {', '.join(EXAMPLE_ARCHITECTURES)})"
+        ) from None
 
 
 def load_pretrained(
@@ -167,7 +217,8 @@ def load_pretrained(
     resolved = resolve_model(str(model_id), None if revision is None else str(revision))
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    folder = str(resolved.folder)
+    cfg_dict = convert_config(resolved.folder, f"{model_id}@{revision}")
+    folder = str(neutral_path(resolved.folder))
     tok_source = folder if tokenizer is None else _tokenizer_folder(tokenizer)
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
@@ -177,7 +228,6 @@ def load_pretrained(
             f"{model_id}@{revision}: cannot read the model or tokenizer in {folder} "
             f"({type(err).__name__}: {err}); delete that folder to fetch it again"
         ) from err
-    cfg_dict = loading.convert_hf_model_config(folder)
     cfg_dict.update(
         model_name=f"{model_id}@{revision}",
         init_weights=False,

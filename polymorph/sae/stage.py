@@ -8,6 +8,9 @@ An SAE *ladder* (the config group ``sae_ladder``, absent by default) trains seve
 configs per site in one job: each rung is a partial SAE config merged over ``cfg.sae``
 (``conf/sae_ladder/sparsity.yaml``: ReLU+L1 at several L1 values and TopK at several k).
 The activations are collected once per job and shared by every rung.
+
+The stage is written once for every model family: the run's model and its token batch come
+from the family object the job passes in.
 """
 
 from __future__ import annotations
@@ -18,25 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from polymorph.errors import PolymorphError
 from polymorph.layout import RunLayout
-from polymorph.sae import (
-    SAETrainConfig,
-    config_id,
-    evaluate_sae,
-    resolve_init_seed,
-    save_sae,
-    train_sae,
-)
+from polymorph.sae.cache import cached_activations
+from polymorph.sae.config import SAETrainConfig, config_id, resolve_init_seed
+from polymorph.sae.evaluate import evaluate_sae
+from polymorph.sae.io import save_sae
+from polymorph.sae.train import train_sae
 
 log = logging.getLogger(__name__)
-
-
-def sae_model_name(cfg: DictConfig) -> str:
-    """The ``model_name`` recorded in the SAE's cfg.json: which model's activations it reads."""
-    from polymorph.token_batches import is_pretrained
-
-    if is_pretrained(cfg):
-        return f"{cfg.model.model_id}@{cfg.model.revision}"
-    return f"polymorph-dyck/{cfg.name}/seed={cfg.seed}"
 
 
 def ladder_configs(cfg: DictConfig) -> list[SAETrainConfig]:
@@ -81,32 +72,47 @@ def ladder_configs(cfg: DictConfig) -> list[SAETrainConfig]:
     return configs
 
 
-def train_saes_for_run(cfg: DictConfig, layout: RunLayout, logger) -> dict:
-    from polymorph.pipeline import load_run_model, run_activations
+def train_saes_for_run(cfg: DictConfig, layout: RunLayout, family, logger, sites: list[str],
+                       trainer=None) -> dict:
+    """Every configured SAE (one config, or each rung of the ladder) at every site of a
+    finished run; existing SAEs are kept unless ``retrain_saes=true``.
 
+    ``family`` is the job's model family (it loads the run's model and builds its token
+    batch); ``trainer`` a partial ``lightning.Trainer`` for the SAEs (``sae_trainer``).
+    """
     configs = ladder_configs(cfg)
     laddered = cfg.get("sae_ladder") is not None
     todo = [
         (sae_cfg, site)
         for sae_cfg in configs
-        for site in cfg.sites
+        for site in sites
         if cfg.retrain_saes
         or not (layout.sae_dir(site, config_id(sae_cfg)) / "metrics.json").is_file()
     ]
     summary: dict = {}
+    acts = None
     if todo:
-        model, _ = load_run_model(layout, "best")
-        acts = run_activations(cfg, layout, model)
+        model = family.load(layout, "best")
+        spec = cfg.activations
+        batch = family.token_batch(spec, layout.root.parent, model)
+        identity = {**family.batch_identity(spec), "checkpoint": family.final_label(layout)}
+        acts = cached_activations(
+            layout, model, batch.tokens, batch.mask, sorted({s for _, s in todo}), identity,
+            dtype=str(spec.get("dtype", "float32")), batch_size=int(spec.batch_size),
+            progress=bool(cfg.trainer.get("enable_progress_bar", True)))
+    model_name = family.sae_model_name(cfg)
     for sae_cfg in configs:
-        summary.update(_train_config(cfg, layout, logger, sae_cfg, todo, acts if todo else None, laddered))
+        summary.update(_train_config(cfg, layout, logger, sae_cfg, sites, todo, acts, laddered,
+                                     model_name, trainer))
     return summary
 
 
-def _train_config(cfg, layout, logger, sae_cfg, todo, acts, laddered: bool) -> dict:
+def _train_config(cfg, layout, logger, sae_cfg, sites, todo, acts, laddered: bool,
+                  model_name: str, trainer) -> dict:
     cid = config_id(sae_cfg)
     init_seed = resolve_init_seed(sae_cfg, int(cfg.seed))
     summary: dict = {}
-    for site in cfg.sites:
+    for site in sites:
         folder = layout.sae_dir(site, cid)
         if (sae_cfg, site) not in todo:
             log.info("SAE %s exists: keeping it (retrain_saes=true to redo)", folder)
@@ -116,11 +122,12 @@ def _train_config(cfg, layout, logger, sae_cfg, todo, acts, laddered: bool) -> d
             sae_cfg,
             init_seed=init_seed,
             hook_name=site,
-            model_name=sae_model_name(cfg),
+            model_name=model_name,
             progress_bar=bool(cfg.trainer.get("enable_progress_bar", True)),
             logger=False,
             accelerator=str(cfg.trainer.get("accelerator", "cpu")),
             default_root_dir=str(layout.logs),
+            trainer=trainer,
         )
         metrics = evaluate_sae(sae, acts[site])
         metrics["evaluated_on"] = "the stored SAE training activations of this site"

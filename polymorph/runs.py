@@ -1,0 +1,125 @@
+"""Reading and guarding run folders: where a job's runs live, their saved configs, which are
+finished, and the guard that stops a folder being reused by a config that did not create it.
+
+The file names inside a run folder are in :mod:`polymorph.layout`; what a run *is* (which
+config sections define it) is the model family's business
+(:meth:`polymorph.families.base.ModelFamily.identity`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from polymorph.errors import PolymorphError
+from polymorph.layout import RunLayout, find_seed_runs
+
+
+def output_root(cfg: DictConfig) -> Path:
+    """``paths.root`` as an absolute path (relative paths are taken from the launch folder)."""
+    root = Path(str(cfg.paths.root))
+    if not root.is_absolute():
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            root = Path(HydraConfig.get().runtime.cwd) / root
+        except ValueError:  # not running under @hydra.main (e.g. a test calling train())
+            root = Path.cwd() / root
+    return root
+
+
+def experiment_dir(cfg: DictConfig) -> Path:
+    return output_root(cfg) / str(cfg.name)
+
+
+def run_layout(cfg: DictConfig, seed: int | None = None) -> RunLayout:
+    """The run folder of ``seed`` (default ``cfg.seed``) in this config's experiment."""
+    return RunLayout.for_seed(output_root(cfg), str(cfg.name),
+                              int(cfg.seed if seed is None else seed))
+
+
+def read_run_config(layout: RunLayout) -> DictConfig:
+    """The resolved config a run was created with (its ``config.yaml``)."""
+    if not layout.config.is_file():
+        raise PolymorphError(f"{layout.root} has no config.yaml: not a polymorph run folder "
+                             "(or a run that never started); train it with python train.py ...")
+    try:
+        return OmegaConf.load(layout.config)
+    except Exception as err:
+        raise PolymorphError(f"{layout.config} is unreadable ({type(err).__name__}: {err}); "
+                             "delete the run folder or pass retrain=true") from err
+
+
+def discard_run(layout: RunLayout) -> None:
+    """Delete what a run built (records, checkpoints, activations, SAEs; logs are kept)."""
+    import shutil
+
+    for path in (layout.final_metrics, layout.run_info, layout.config):
+        path.unlink(missing_ok=True)
+    for folder in (layout.checkpoints, layout.activations, layout.saes):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two nested config dicts, one per differing leaf."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: saved {a!r}, now {b!r}")
+    return out
+
+
+def check_matches_saved(identity: dict, layout: RunLayout) -> None:
+    """A run folder may only be resumed or reused by the config that created it.
+
+    ``identity`` is the family's :meth:`~polymorph.families.base.ModelFamily.identity` of the
+    current config: the sections that define what the run trains.
+    """
+    if not layout.config.is_file():
+        return
+    saved = OmegaConf.to_container(read_run_config(layout), resolve=True)
+    diffs = config_diff({k: saved.get(k) for k in identity}, identity)
+    if diffs:
+        raise PolymorphError(
+            f"{layout.root} was trained with a different config ({'; '.join(diffs[:4])}); "
+            f"restore those overrides, choose another name=..., or pass retrain=true to start over"
+        )
+
+
+def finished_runs(root: Path, name: str, wanted: list[int] | None = None,
+                  minimum: int = 2, train_command: str | None = None) -> dict[int, RunLayout]:
+    """The finished seed runs of experiment ``name`` (all, or the ``wanted`` seeds), by seed.
+
+    Raises a PolymorphError naming the command that trains what is missing when a wanted seed
+    is unfinished or fewer than ``minimum`` seeds are finished (``train_command``: the
+    ``python train.py ...`` prefix that trains this experiment, without its ``seed=``).
+    """
+    command = train_command or f"python train.py -m name={name}"
+    runs = find_seed_runs(root, name)
+    finished = {s: r for s, r in runs.items() if r.is_finished()}
+    where = root / name
+    if wanted is not None:
+        wanted = [int(s) for s in wanted]
+        absent = [s for s in wanted if s not in finished]
+        if absent:
+            raise PolymorphError(
+                f"seeds {absent} have no finished run in {where} (finished: "
+                f"{sorted(finished) or 'none'}); train them with {command} "
+                f"seed={','.join(map(str, absent))}"
+            )
+        finished = {s: finished[s] for s in wanted}
+    if not finished:
+        raise PolymorphError(
+            f"no finished seeds in {where} (seed folders found: {sorted(runs) or 'none'}); "
+            f"train some first: {command} seed=0..8"
+        )
+    if len(finished) < minimum:
+        raise PolymorphError(
+            f"only seed {sorted(finished)} is finished in {where}: a cross-seed analysis needs "
+            f"at least {minimum}; train more with {command} seed=0..8"
+        )
+    return dict(sorted(finished.items()))

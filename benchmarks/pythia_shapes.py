@@ -31,11 +31,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def build_pythia70m_shaped(folder: Path):
-    from pythia_tiny import build_tokenizer
+    from tests.helpers.tiny_lm import build_tokenizer
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     tok = build_tokenizer(folder / "step143000")
@@ -59,7 +58,7 @@ def main() -> None:
     from polymorph.activations import collect_activations
     from polymorph.align.procrustes import fit_rotation
     from polymorph.models.dyck import build_dyck_transformer
-    from polymorph.models.pythia import load_pretrained
+    from polymorph.models.pretrained import load_pretrained
     from polymorph.sae import SAETrainConfig, train_sae
     from polymorph.tasks.dyck import generate_training_tokens
 
@@ -84,7 +83,7 @@ def main() -> None:
     toy_sites = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post",
                  "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]
     t0 = time.perf_counter()
-    collect_activations(toy, toy_tokens, toy_sites)
+    collect_activations(toy, toy_tokens, toy_sites, mask=toy_tokens != 0)
     toy_s = time.perf_counter() - t0
 
     x = acts[sites[3]]

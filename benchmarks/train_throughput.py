@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import lightning as L
 import torch
@@ -22,11 +23,8 @@ from lightning.pytorch.callbacks import Callback
 from polymorph.models.dyck import build_dyck_transformer
 from polymorph.tasks.datamodule import DyckDataModule
 from polymorph.tasks.dyck import CONTEXT, HEADS
-from polymorph.training.transformer_module import (
-    DyckTransformerModule,
-    bucketed_forward,
-    warmup_cosine,
-)
+from polymorph.training.schedules import warmup_cosine, warmup_cosine_schedule
+from polymorph.training.transformer_module import DyckTransformerModule, bucketed_forward
 
 WARMUP = 3
 
@@ -52,8 +50,10 @@ class _Timer(Callback):
 
 
 def lightning_run(batch: int, steps: int, buckets: int) -> tuple[float, int]:
-    module = DyckTransformerModule(fresh_model(), total_steps=steps + WARMUP, warmup_steps=10,
-                                   length_buckets=buckets)
+    optimizer = partial(torch.optim.AdamW, lr=3e-3, betas=(0.9, 0.95), weight_decay=1e-4)
+    scheduler = partial(warmup_cosine_schedule, warmup_steps=10, total_steps=steps + WARMUP,
+                        final_fraction=0.02)
+    module = DyckTransformerModule(fresh_model(), optimizer, scheduler, length_buckets=buckets)
     dm = DyckDataModule(seed=0, batch_size=batch)
     timer = _Timer()
     trainer = L.Trainer(

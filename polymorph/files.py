@@ -35,7 +35,7 @@ def parse_dtype(name: str, what: str = "dtype") -> torch.dtype:
     try:
         return DTYPES[str(name)]
     except KeyError:
-        raise ValueError(f"{what}={name!r} is unknown; use one of {', '.join(DTYPES)}") from None
+        raise ValueError(f"{what}={name} is unknown; use one of {', '.join(DTYPES)}") from None
 
 
 def _tmp_sibling(path: Path) -> Path:
@@ -80,14 +80,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_folder(folder: Path) -> Iterator[Path]:
-    """Yield a temporary folder to fill; it replaces ``folder`` (old content and all) when the
-    block succeeds, so a folder with the final name is always complete."""
+    """Yield a temporary folder path to fill (the writer may create it; it is created if the
+    writer did not); it replaces ``folder`` (old content and all) when the block succeeds, so
+    a folder with the final name is always complete."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(folder)
-    tmp.mkdir()
     try:
         yield tmp
+        tmp.mkdir(exist_ok=True)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(folder, old)

@@ -73,16 +73,17 @@ def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_matches_saved(identity: dict, layout: RunLayout) -> None:
+def check_matches_saved(identity, cfg: DictConfig, layout: RunLayout) -> None:
     """A run folder may only be resumed or reused by the config that created it.
 
-    ``identity`` is the family's :meth:`~polymorph.families.base.ModelFamily.identity` of the
-    current config: the sections that define what the run trains.
+    ``identity`` is the family's :meth:`~polymorph.families.base.ModelFamily.identity`: the
+    config sections that define what a run trains; the saved and the current config must give
+    the same.
     """
     if not layout.config.is_file():
         return
-    saved = OmegaConf.to_container(read_run_config(layout), resolve=True)
-    diffs = config_diff({k: saved.get(k) for k in identity}, identity)
+    saved = identity(read_run_config(layout))
+    diffs = config_diff(saved, identity(cfg))
     if diffs:
         raise PolymorphError(
             f"{layout.root} was trained with a different config ({'; '.join(diffs[:4])}); "

@@ -1,4 +1,8 @@
-"""Shared fixtures: tests stay offline and share one tiny trained experiment."""
+"""Session fixtures: tests stay offline and share a few tiny experiments built once.
+
+Helpers (config composition, planted rotations, tiny language models, the CLI runner) live in
+``tests/helpers``; this file only holds fixtures.
+"""
 
 from __future__ import annotations
 
@@ -12,29 +16,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # (two threads per process on a loaded 2-core machine were measured 10-30x slower).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
-
-
-def compose(overrides: list[str], config_name: str = "train", return_hydra: bool = False):
-    """Compose a config the way the entry point would, without running Hydra's app."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(
-            config_name=config_name, overrides=overrides, return_hydra_config=return_hydra
-        )
-
-
-def smoke_overrides(root: Path, *extra: str) -> list[str]:
-    return ["experiment=smoke", "logger=none", f"paths.root={root}", *extra]
+from tests.helpers.config import compose, smoke_overrides, tiny_lm_overrides
 
 
 @pytest.fixture(scope="session")
@@ -43,64 +27,81 @@ def smoke_runs(tmp_path_factory):
     from polymorph.pipeline import train
 
     root = tmp_path_factory.mktemp("smoke_outputs")
-    results = {}
-    for seed in (0, 1):
-        cfg = compose(smoke_overrides(root, f"seed={seed}"))
-        results[seed] = train(cfg)
+    results = {seed: train(compose(smoke_overrides(root, f"seed={seed}"))) for seed in (0, 1)}
     return root, results
 
 
-# -- PolyPythias stand-ins ------------------------------------------------------------
+@pytest.fixture(scope="session")
+def smoke_context(smoke_runs, tmp_path_factory):
+    """The analysis context over the smoke runs (seeds 0 and 1)."""
+    from polymorph.analysis.context import build_context
 
-
-def pythia_overrides(tiny: dict, root: Path, *extra: str, analysis: bool = False) -> list[str]:
-    """experiment=polypythia pointed at the tiny local GPT-NeoX models and corpus.
-
-    ``analysis=True`` adds the analyze.py settings (compose with config_name="analyze").
-    """
-    base = [
-        "experiment=polypythia",
-        "logger=none",
-        f"paths.root={root}",
-        f"model.model_id={tiny['model_id_template'].replace('{seed}', '${seed}')}",
-        "corpus.path=json",
-        f"corpus.data_files={tiny['corpus']}",
-        "corpus.shuffle_buffer=100",
-        "sites=[blocks.0.hook_resid_pre,blocks.0.hook_resid_post,blocks.1.hook_resid_post]",
-        "activations.n_sequences=64",
-        "activations.seq_len=32",
-        "sae.steps=20",
-        "sae.batch_size=256",
-        "trainer.enable_progress_bar=false",
-    ]
-    if not analysis:
-        return base + list(extra)
-    return base + [
-        "analysis.fit_batch.seq_len=32",
-        "analysis.eval_batch.seq_len=32",
-        "analysis.fit_batch.offset=64",
-        "analysis.eval_batch.offset=128",
-        "analysis.haar_null_samples=50",
-        "analysis.callbacks.lm_steering.site=blocks.1.hook_resid_post",
-        f"analysis.callbacks.checkpoint_drift.revisions=[{','.join(tiny['drift_revisions'])}]",
-        *extra,
-    ]
+    root, _ = smoke_runs
+    out = tmp_path_factory.mktemp("analysis_out")
+    cfg = compose(smoke_overrides(root), config_name="analyze")
+    return build_context(cfg, root, out, show_progress=False)
 
 
 @pytest.fixture(scope="session")
-def tiny_pythia(tmp_path_factory):
-    """Tiny GPT-NeoX seeds 1 and 2 (+ two extra revisions of seed 1), tokenizer and corpus."""
-    from pythia_tiny import build_tiny_polypythias
+def tiny_lm(tmp_path_factory):
+    """Tiny GPT-NeoX seeds 1 and 2 (two revisions each besides the analysed one), tokenizer and
+    corpus: the PolyPythias' stand-in."""
+    from tests.helpers.tiny_lm import build_tiny_lms
 
-    return build_tiny_polypythias(tmp_path_factory.mktemp("tiny_pythia"))
+    return build_tiny_lms(tmp_path_factory.mktemp("tiny_gpt_neox"))
 
 
 @pytest.fixture(scope="session")
-def pythia_runs(tiny_pythia, tmp_path_factory):
-    """train.py's job for seeds 1 and 2 of experiment=polypythia on the tiny models."""
+def tiny_gpt2(tmp_path_factory):
+    """The same for GPT-2: a second architecture through the same family."""
+    from tests.helpers.tiny_lm import build_tiny_lms
+
+    return build_tiny_lms(tmp_path_factory.mktemp("tiny_gpt2"), architecture="gpt2")
+
+
+@pytest.fixture(scope="session")
+def lm_runs(tiny_lm, tmp_path_factory):
+    """train.py's job for seeds 1 and 2 of family=pretrained on the tiny GPT-NeoX models."""
     from polymorph.pipeline import train
 
-    root = tmp_path_factory.mktemp("pythia_outputs")
-    results = {seed: train(compose(pythia_overrides(tiny_pythia, root, f"seed={seed}")))
-               for seed in tiny_pythia["seeds"]}
+    root = tmp_path_factory.mktemp("lm_outputs")
+    results = {seed: train(compose(tiny_lm_overrides(tiny_lm, root, f"seed={seed}")))
+               for seed in tiny_lm["seeds"]}
     return root, results
+
+
+@pytest.fixture(scope="session")
+def lm_context(lm_runs, tiny_lm, tmp_path_factory):
+    """The analysis context over the tiny GPT-NeoX runs."""
+    from polymorph.analysis.context import build_context
+
+    root, _ = lm_runs
+    cfg = compose(tiny_lm_overrides(tiny_lm, root, analysis=True), config_name="analyze")
+    return build_context(cfg, root, tmp_path_factory.mktemp("lm_analysis"), show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def smoke_analysis(smoke_runs):
+    """analyze() with every default callback over the smoke runs: (results, output folder)."""
+    from polymorph.analysis.runner import analyze
+
+    root, _ = smoke_runs
+    results, objects = analyze(compose(smoke_overrides(root), config_name="analyze"),
+                               show_progress=False)
+    return results, objects["out_dir"]
+
+
+@pytest.fixture(scope="session")
+def lm_analysis(lm_runs, tiny_lm, tmp_path_factory):
+    """analyze() with every callback over the tiny GPT-NeoX runs (convergence switched back
+    on: both seeds have the same revisions): (results, output folder)."""
+    from polymorph.analysis.runner import analyze
+
+    root, _ = lm_runs
+    out = tmp_path_factory.mktemp("lm_analysis_out")
+    cfg = compose(tiny_lm_overrides(
+        tiny_lm, root, f"analysis.output_dir={out}",
+        "analysis.callbacks.convergence={_target_:polymorph.analysis.convergence.Convergence}",
+        analysis=True), config_name="analyze")
+    results, _ = analyze(cfg, show_progress=False)
+    return results, out

@@ -176,6 +176,8 @@ class CheckpointDrift(AnalysisCallback):
             "null for families without one), from checkpoints/index.json: minimum "
             "accuracy over 3 heads x {train, compositional, long} validation sets",
             "is_best": "this checkpoint is the run's best (the final analysed model)",
+            "lr": "the learning rate the checkpoint's weights were taken at (null where not "
+            "recorded, e.g. published revisions)",
             "to_final": "rotation R fitted (Procrustes, group "
             f"{ctx.group}) on the fit batch from the checkpoint's activations to the final "
             "model's: x_final ~ (x_ckpt - mean) R + mean",

@@ -63,6 +63,15 @@ class HaarDiagnosticsCallback(AnalysisCallback):
                 "fixed_dim_estimate": "number of near-fixed directions (eigen-angles below the null's "
                 "threshold) in excess of what a Haar draw gives",
                 "null": f"{n_null} Haar draws per (d, group={ctx.group}); band = central 95% of ||R - I||_F",
+                "trace": "tr R", "det": "det R (+1 or -1)",
+                "ks_stat": "the KS statistic of that test",
+                "fixed_threshold": "the eigen-angle (radians) below which a direction counts as "
+                "near-fixed", "fixed_count": "eigen-angles of R below fixed_threshold",
+                "fixed_forced": "angles at 0 forced by det R and the parity of d (0 or 1)",
+                "fixed_expected": "mean count of free Haar angles below fixed_threshold",
+                "frob_mean / frob_q025 / frob_q975": "mean and 2.5% / 97.5% quantiles of ||R - I||_F "
+                "over the null's draws",
+                "trace_mean / trace_std": "mean and standard deviation of tr R over the null's draws",
             },
             "rows": rows,
             "per_site": per_site,

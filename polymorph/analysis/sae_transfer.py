@@ -113,6 +113,7 @@ class SAETransfer(AnalysisCallback):
                 "floor": "predict the per-dimension mean of seed a's activations",
                 "firing_overlap": "mean over features of the Pearson correlation (over rows) of SAE a's "
                 "activation on a versus on b (raw / rotated); features constant on either side excluded",
+                "mean_pearson": "that mean over the n_features_compared features",
                 "scored_on": f"the {ctx.score_batch} batch",
             },
             "rows": rows,

@@ -374,6 +374,9 @@ class Steering(AnalysisCallback):
             "the rotated one does in the other seed's frame",
             "summary": "per vector at the reference alpha: means over the other seeds (ratios "
             "over the seeds whose regime is not none) and counts of regimes",
+            "clean, partial, inverted, no_transfer, none": "in regime_*_counts: how many of the "
+            "other seeds are in that regime",
+            "norm": "||v||, in the anchor's activation units",
         }
 
     # -- outputs -----------------------------------------------------------------------

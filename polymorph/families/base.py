@@ -195,7 +195,7 @@ class ModelFamily(ABC):
         with file_lock(layout.lock):
             if cfg.get("retrain"):
                 discard_run(layout)
-            check_matches_saved(self.identity(cfg), layout)
+            check_matches_saved(self.identity, cfg, layout)
             if layout.is_finished():
                 log.info("seed %s: finished run in %s reused (retrain=true to redo it)",
                          cfg.seed, layout.root)

@@ -153,7 +153,7 @@ class DyckFamily(ModelFamily):
             if not anchor.is_finished():
                 log.info("io=shared: training anchor seed %s first in %s", anchor_cfg.seed,
                          anchor.root)
-                check_matches_saved(self.identity(anchor_cfg), anchor)
+                check_matches_saved(self.identity, anchor_cfg, anchor)
                 L.seed_everything(int(anchor_cfg.seed), workers=True, verbose=False)
                 fit_transformer(anchor_cfg, anchor, False, build(anchor_cfg.model, "model"))
         state, _ = read_weights(anchor.best)

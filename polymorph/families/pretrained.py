@@ -186,10 +186,11 @@ class PretrainedFamily(ModelFamily):
 
         start = time.perf_counter()
         model = self._load(int(cfg.seed), self.revision)
-        try:
-            check_sites(model, list(cfg.sites))
-        except SiteError as err:
-            raise PolymorphError(str(err)) from err
+        if cfg.get("sites") is not None:
+            try:
+                check_sites(model, list(cfg.sites))
+            except SiteError as err:
+                raise PolymorphError(str(err)) from err
         source = model.polymorph_source.to_dict()
         n_params = sum(p.numel() for p in model.parameters())
         atomic_write_text(layout.config, OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,4 +1,4 @@
-"""The SAE ladder (train.py sae_ladder=...) and the `sparsity` callback (issue 8).
+"""The SAE ladder (train.py sae_ladder=...) and the `sparsity` callback.
 
 Everything runs on copies of the session's smoke runs: the shared run folders are never written.
 """
@@ -15,8 +15,8 @@ from polymorph.analysis.runner import analyze
 from polymorph.errors import PolymorphError
 from polymorph.layout import RunLayout
 from polymorph.pipeline import train
-from tests.analysis.conftest import plant_rotated_seed
-from tests.conftest import compose, smoke_overrides
+from tests.helpers.config import compose, smoke_overrides
+from tests.helpers.planted import plant_rotated_seed
 
 SITES = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post")
 # a dense rung (the smoke SAE itself) and a clearly sparse one (TopK, k=2)

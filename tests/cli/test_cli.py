@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+import json
 
 import pytest
 
 from polymorph.layout import find_seed_runs
-from tests.conftest import REPO
+from tests.helpers.cli import run
+from tests.helpers.config import compose, tiny_lm_overrides
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
 FAST = ["logger=none", "stage=transformer", "trainer.enable_progress_bar=false"]
 
 
-def run(script: str, *args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / script), *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+def with_model_id(args: list[str], model_id: str) -> list[str]:
+    """``args`` with ``family.model_id`` set to ``model_id`` as a user would type it."""
+    return [f"family.model_id={model_id}" if a.startswith("family.model_id=") else a
+            for a in args]
 
 
 def test_inclusive_seed_range_launches_one_job_per_seed(tmp_path):
@@ -49,7 +37,8 @@ def test_bad_seed_ranges_fail_with_one_clear_line(tmp_path, arg, message):
     assert not (tmp_path / "default").exists()
 
 
-@pytest.mark.parametrize("group, value", [("experiment", "nope"), ("io", "half"), ("logger", "tb")])
+@pytest.mark.parametrize("group, value", [("experiment", "nope"), ("io", "half"), ("logger", "tb"),
+                                          ("family", "nope")])
 def test_unknown_config_choices_name_the_options(tmp_path, group, value):
     proc = run("train.py", f"{group}={value}", f"paths.root={tmp_path}", check=False)
     assert proc.returncode != 0
@@ -84,8 +73,6 @@ def test_parallel_launcher_runs_a_two_seed_sweep(tmp_path):
 
 def test_gpu_and_cluster_configs_compose():
     """The GPU / multi-GPU / SLURM paths can't run here; check they compose to what they claim."""
-    from tests.conftest import compose
-
     gpu = compose(["trainer=gpu"])
     assert gpu.trainer.accelerator == "gpu" and gpu.trainer.precision == "bf16-mixed"
     ddp = compose(["trainer=ddp"])
@@ -93,3 +80,35 @@ def test_gpu_and_cluster_configs_compose():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     slurm = compose(["hydra/launcher=submitit_slurm"], return_hydra=True)
     assert "SlurmLauncher" in slurm.hydra.launcher._target_
+
+
+def test_pretrained_family_train_then_analyze(tiny_lm, tmp_path):
+    """The real entry points on tiny local checkpoints: a two-seed multirun, then the analysis;
+    the model id's {seed} placeholder is written unquoted, as a user types it."""
+    out = tmp_path / "out"
+    args = with_model_id(tiny_lm_overrides(tiny_lm, out), tiny_lm["model_id_template"])
+    run("train.py", "-m", "seed=1..2", *args, env={"OMP_NUM_THREADS": "1"})
+    for seed in (1, 2):
+        assert (out / tiny_lm["name"] / f"seed={seed}" / "metrics.json").is_file()
+    run("analyze.py", *tiny_lm_overrides(tiny_lm, out, "~analysis.callbacks.checkpoint_drift",
+                                         analysis=True), env={"OMP_NUM_THREADS": "1"})
+    results = json.loads((out / tiny_lm["name"] / "analysis" / "results.json").read_text())
+    assert results["meta"]["context"]["seeds"] == [1, 2] and not results["meta"]["partial"]
+
+
+def test_pretrained_offline_error_is_one_clear_line(tmp_path):
+    proc = run("train.py", "seed=4", "experiment=polypythia", "logger=none",
+               f"paths.root={tmp_path}", check=False, timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model EleutherAI/pythia-70m-seed4 at revision step143000")
+    assert "snapshot_download" in last and "Traceback" not in proc.stderr
+
+
+def test_a_seed_sweep_over_one_fixed_model_id_is_refused_up_front(tiny_lm, tmp_path):
+    fixed = tiny_lm["model_id_template"].format(seed=1)
+    proc = run("train.py", "-m", "seed=1,2",
+               *with_model_id(tiny_lm_overrides(tiny_lm, tmp_path), fixed), check=False)
+    assert proc.returncode == 1
+    assert "has no {seed}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("run.json"))

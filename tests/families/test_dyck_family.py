@@ -1,4 +1,4 @@
-"""The per-seed job: layout, idempotence, resume, cohorts and bad input (in-process, smoke preset)."""
+"""The Dyck family's runs: layout, idempotence, resume, cohorts and bad input (smoke preset)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from polymorph.checkpoints import read_json
 from polymorph.errors import PolymorphError
+from polymorph.families.dyck import DyckFamily
+from polymorph.files import read_json
 from polymorph.layout import RunLayout
-from polymorph.pipeline import load_run_model, train
-from tests.conftest import compose, smoke_overrides
+from polymorph.pipeline import train
+from tests.helpers.config import compose, smoke_overrides
 
 TRANSFORMER = "stage=transformer"
 
@@ -27,6 +28,7 @@ def test_smoke_runs_have_the_documented_layout(smoke_runs):
         assert run.best.is_file() and run.last.is_file() and run.resume_state.is_file()
         index = read_json(run.checkpoint_index)
         assert sorted(index) == ["10", "20"] and "val/min_acc" in index["20"]
+        assert 0 < index["20"]["lr"] < index["10"]["lr"]  # the lr each checkpoint was taken at
         info = read_json(run.run_info)
         assert info["seed"] == seed and info["status"] == "finished"
         assert info["trainable_parameters"] == 104_448 and "torch" in info["versions"]
@@ -36,8 +38,8 @@ def test_smoke_runs_have_the_documented_layout(smoke_runs):
 
 def test_seeds_differ_and_checkpoints_load_without_pickle(smoke_runs):
     root, _ = smoke_runs
-    m0, _ = load_run_model(RunLayout.for_seed(root, "smoke", 0))
-    m1, _ = load_run_model(RunLayout.for_seed(root, "smoke", 1))
+    m0 = DyckFamily().load(RunLayout.for_seed(root, "smoke", 0))
+    m1 = DyckFamily().load(RunLayout.for_seed(root, "smoke", 1))
     assert not torch.equal(m0.embed.W_E, m1.embed.W_E)
     # the positional code is shared by construction
     assert torch.equal(m0.pos_embed.W_pos, m1.pos_embed.W_pos)
@@ -106,15 +108,10 @@ def test_corrupt_or_missing_weights_give_a_clear_error(tmp_path):
     train(compose(smoke_overrides(tmp_path, TRANSFORMER)))
     run.best.write_bytes(b"\x00" * 10)
     with pytest.raises(PolymorphError, match="corrupt"):
-        load_run_model(run)
+        DyckFamily().load(run)
     run.best.unlink()
     with pytest.raises(PolymorphError, match="does not exist"):
-        load_run_model(run)
-
-
-def test_sae_stage_without_a_trained_transformer_names_the_fix(tmp_path):
-    with pytest.raises(PolymorphError, match=r"seed=3.*stage=transformer"):
-        train(compose(smoke_overrides(tmp_path, "stage=sae", "seed=3")))
+        DyckFamily().load(run)
 
 
 def test_shared_io_loads_the_anchors_io_weights_frozen_and_trains_the_anchor_once(tmp_path):
@@ -143,8 +140,21 @@ def test_shared_io_refuses_an_anchor_with_another_model_config(tmp_path):
         )
 
 
-def test_bad_stage_and_seed_are_refused(tmp_path):
-    with pytest.raises(PolymorphError, match="stage=train is unknown"):
-        train(compose(smoke_overrides(tmp_path, "stage=train")))
-    with pytest.raises(PolymorphError, match="non-negative integer"):
-        train(compose(smoke_overrides(tmp_path, "seed=-1")))
+def test_checkpoints_list_every_kept_step_with_its_metrics_and_load(smoke_runs):
+    root, _ = smoke_runs
+    run = RunLayout.for_seed(root, "smoke", 0)
+    checkpoints = DyckFamily().checkpoints(run)
+    assert [c.step for c in checkpoints] == [10, 20]
+    index = read_json(run.checkpoint_index)
+    for c in checkpoints:
+        assert c.metrics == index[str(c.step)] and c.label == f"step={c.step:06d}.safetensors"
+    last = checkpoints[-1].load()
+    best = DyckFamily().load(run)
+    if read_json(run.final_metrics)["best_step"] == 20:
+        assert torch.equal(last.embed.W_E, best.embed.W_E)
+
+
+def test_unknown_io_mode_is_refused_before_training(tmp_path):
+    with pytest.raises(PolymorphError, match="io.mode=half is unknown"):
+        train(compose(smoke_overrides(tmp_path, TRANSFORMER, "io.mode=half")))
+    assert not (tmp_path / "smoke" / "seed=0" / "checkpoints").exists()

@@ -1,4 +1,4 @@
-"""The SAE stage inside the per-seed job: layout, round trip, stage=sae reuse, bad sites."""
+"""The SAE stage of a seed's job: layout, round trip, stage=sae reuse, the activation cache."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import torch
 from sae_lens import SAE
 
 from polymorph.activations import load_activations
-from polymorph.checkpoints import read_json
 from polymorph.errors import PolymorphError
+from polymorph.files import read_json
 from polymorph.layout import RunLayout
 from polymorph.pipeline import train
 from polymorph.sae import evaluate_sae
-from tests.conftest import compose, smoke_overrides
+from tests.helpers.config import compose, smoke_overrides
 
 SMOKE_SITES = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]
 
@@ -70,6 +70,35 @@ def test_stage_sae_adds_configs_side_by_side_without_touching_the_transformer(tm
 def test_unknown_site_lists_the_valid_ones(tmp_path):
     with pytest.raises(PolymorphError, match=r"blocks\.7\.hook_resid_post.*blocks\.0\.hook_resid_pre"):
         train(compose(smoke_overrides(tmp_path, "sites=[blocks.7.hook_resid_post]")))
+
+
+def test_a_stale_or_unreadable_activation_cache_is_recomputed(smoke_runs, tmp_path):
+    import shutil
+
+    from polymorph.families.dyck import DyckFamily
+    from polymorph.sae.cache import cached_activations
+
+    root, _ = smoke_runs
+    run = RunLayout(tmp_path / "seed=0")
+    shutil.copytree(RunLayout.for_seed(root, "smoke", 0).root, run.root)
+    family, site = DyckFamily(), SMOKE_SITES[1]
+    model = family.load(run)
+    cfg = compose(smoke_overrides(root))
+    batch = family.token_batch(cfg.activations, root / "smoke", model)
+    identity = {**family.batch_identity(cfg.activations), "checkpoint": family.final_label(run)}
+    kept = load_activations(run.activation_file(site)).clone()
+    again = cached_activations(run, model, batch.tokens, batch.mask, [site], identity)[site]
+    assert torch.equal(again, kept)  # the matching cache is read, not recomputed
+    run.activation_file(site).unlink()  # a new file: the cache may be memory-mapped
+    run.activation_file(site).write_bytes(b"garbage")
+    redone = cached_activations(run, model, batch.tokens, batch.mask, [site], identity)[site]
+    torch.testing.assert_close(redone, kept)
+    stale = {**identity, "seed": "999"}
+    cached_activations(run, model, batch.tokens, batch.mask, [site], stale)
+    from safetensors import safe_open
+
+    with safe_open(str(run.activation_file(site)), framework="pt") as f:
+        assert f.metadata()["seed"] == "999"  # recomputed under the new record
 
 
 def test_per_model_init_seed_differs_between_seeds_and_shared_does_not(tmp_path):

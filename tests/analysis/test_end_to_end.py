@@ -1,4 +1,4 @@
-"""analyze() end to end on the smoke runs, the planted-rotation case, and bad input."""
+"""analyze() end to end on both families, the planted-rotation case, and bad input."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from polymorph.analysis.runner import analyze
 from polymorph.errors import PolymorphError
 from polymorph.layout import RunLayout
 from polymorph.sae.io import load_sae
-from tests.analysis.conftest import plant_rotated_seed
-from tests.conftest import compose, smoke_overrides
+from tests.helpers.config import compose, smoke_overrides, tiny_lm_overrides
+from tests.helpers.planted import plant_rotated_seed
 
 SITES = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post")
 CALLBACKS = (
@@ -25,12 +25,6 @@ CALLBACKS = (
 def analysis_cfg(root, name="smoke", *extra):
     return compose(smoke_overrides(root, f"name={name}", *extra), config_name="analyze")
 
-
-@pytest.fixture(scope="module")
-def smoke_analysis(smoke_runs):
-    root, _ = smoke_runs
-    results, objects = analyze(analysis_cfg(root), show_progress=False)
-    return results, objects["out_dir"]
 
 
 def test_results_report_and_figures_are_written(smoke_analysis):
@@ -110,7 +104,7 @@ def test_bad_input_is_reported_clearly(smoke_runs, tmp_path):
         analyze(analysis_cfg(tmp_path, "nothing"), show_progress=False)
     single = RunLayout.for_seed(tmp_path, "single", 0)
     shutil.copytree(RunLayout.for_seed(root, "smoke", 0).root, single.root)
-    with pytest.raises(PolymorphError, match="at least two"):
+    with pytest.raises(PolymorphError, match="at least 2"):
         analyze(analysis_cfg(tmp_path, "single"), show_progress=False)
     with pytest.raises(PolymorphError, match=r"anchor seed 5.*finished seeds: \[0, 1\]"):
         analyze(analysis_cfg(root, "smoke", "analysis.anchor=5"), show_progress=False)
@@ -134,3 +128,37 @@ def test_missing_saes_give_partial_results(smoke_runs, tmp_path):
     assert results["universality"]["skipped"]  # that pair/site could not be matched
     assert len(results["universality"]["rows"]) == len(SITES) - 1  # ... the other sites were
     assert "Partial results" in (objects["out_dir"] / "report.md").read_text()
+
+
+def test_pretrained_family_end_to_end(lm_analysis, tiny_lm):
+    results, tmp_path = lm_analysis
+    meta = results["meta"]
+    assert not meta["failed"] and not meta["partial"], meta
+    assert set(CALLBACKS) <= set(results)  # every callback, the same ones as for the toy
+    assert results["function_match"]["heads"] == ["next_token"]
+    assert meta["context"]["family"] == "pretrained"
+    assert meta["context"]["fit_rows"] == 64 * 31 and meta["context"]["eval_rows"] == 64 * 31
+    drift = results["checkpoint_drift"]
+    assert [s["checkpoint"] for s in drift["steps"]] == tiny_lm["drift_revisions"]
+    assert [s["step"] for s in drift["steps"]] == [0, 1000]
+    assert results["convergence"]["common_steps"] == [0, 1000]  # revisions both seeds have
+    for row in results["sae_transfer"]["rows"]:
+        assert row["rotated_ev_standard"] is not None
+    report = (tmp_path / "report.md").read_text()
+    # the header names the corpus slices (not the toy's generator seeds), the caveat the sink
+    assert "64 windows x 32 tokens from window 64 of corpus json" in report
+    assert "attention sink" in report and "positional code" not in report
+
+
+def test_overlapping_corpus_slices_are_refused_before_loading(tiny_lm, tmp_path):
+    cfg = compose(tiny_lm_overrides(tiny_lm, tmp_path / "nothing_here",
+                                    "analysis.eval_batch.offset=70", analysis=True),
+                  config_name="analyze")
+    with pytest.raises(PolymorphError, match="overlap"):
+        analyze(cfg, show_progress=False)
+
+
+def test_dyck_batches_with_one_seed_are_refused(smoke_runs):
+    root, _ = smoke_runs
+    with pytest.raises(PolymorphError, match="same sequences"):
+        analyze(analysis_cfg(root, "smoke", "analysis.eval_batch.seed=1001"), show_progress=False)

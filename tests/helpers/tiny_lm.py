@@ -1,13 +1,14 @@
-"""Tiny stand-ins for the PolyPythias, built locally so the Pythia path is tested offline.
+"""Tiny local language models, built so the pretrained family is tested offline.
 
 * a word-level tokenizer (Hugging Face ``tokenizers``) whose id 0 is ``<|endoftext|>``, as in Pythia;
-* GPT-NeoX models with Pythia's architecture (parallel attention, rotary on a quarter of each
-  head, LayerNorm, GELU) at toy width, one folder per (seed, revision), saved with
-  ``save_pretrained`` exactly as a Hugging Face snapshot would be laid out;
+* models of two architectures at toy width, one folder per (seed, revision), saved with
+  ``save_pretrained`` exactly as a Hugging Face snapshot would be laid out: GPT-NeoX with
+  Pythia's layout (parallel attention, rotary on a quarter of each head, LayerNorm, GELU), and
+  GPT-2 (sequential attention then MLP, learned positions);
 * a small JSON-lines text corpus readable by ``datasets.load_dataset("json", ...)``.
 
-The same loading code as for the real models reads these folders (``model.model_id`` pointing at
-a local folder instead of a Hub id), so nothing here touches the network.
+The same loading code as for real checkpoints reads these folders (``family.model_id`` pointing
+at a local folder instead of a Hub id), so nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -57,9 +58,24 @@ def build_tokenizer(folder: Path):
     return fast
 
 
-def build_model(folder: Path, seed: int, tokenizer, d_model: int = 32, n_layers: int = 2) -> Path:
-    """A randomly initialised GPT-NeoX (Pythia's architecture) saved as a Hugging Face folder."""
+def build_model(folder: Path, seed: int, tokenizer, d_model: int = 32, n_layers: int = 2,
+                architecture: str = "gpt_neox") -> Path:
+    """A randomly initialised GPT-NeoX (Pythia's architecture) or GPT-2, saved as a Hugging Face
+    folder."""
     import torch
+
+    if architecture == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=d_model, n_layer=n_layers,
+                            n_head=4, n_positions=128, n_ctx=128, bos_token_id=0,
+                            eos_token_id=0)  # n_ctx: as in the published GPT-2 configs
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+        return folder
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     config = GPTNeoXConfig(
@@ -84,22 +100,30 @@ def build_model(folder: Path, seed: int, tokenizer, d_model: int = 32, n_layers:
     return folder
 
 
-def build_tiny_polypythias(
-    root: Path, seeds=(1, 2), revisions=("step143000",), drift_revisions=("step0", "step1000")
+def build_tiny_lms(
+    root: Path, seeds=(1, 2), revisions=("step143000",), drift_revisions=("step0", "step1000"),
+    architecture: str = "gpt_neox",
 ) -> dict:
     """``root/seed<N>/<revision>/`` for every seed and revision, plus a corpus.
 
     Revisions of one seed are independent random draws here (the tests need folders that load,
-    not a training trajectory). ``drift_revisions`` are added for the first seed only.
+    not a training trajectory). ``drift_revisions`` are added for every seed, so drift and
+    convergence both have checkpoints to follow.
     """
     tok_dir = root / "tokenizer"
     tokenizer = build_tokenizer(tok_dir)
-    for i, seed in enumerate(seeds):
-        revs = list(revisions) + (list(drift_revisions) if i == 0 else [])
-        for j, rev in enumerate(revs):
-            build_model(root / f"seed{seed}" / rev, 1000 * seed + j, tokenizer)
+    for seed in seeds:
+        for j, rev in enumerate(list(revisions) + list(drift_revisions)):
+            build_model(root / f"seed{seed}" / rev, 1000 * seed + j, tokenizer,
+                        architecture=architecture)
     corpus = write_corpus(root / "corpus" / "train.jsonl")
+    sites = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    if architecture == "gpt2":
+        sites.insert(1, "blocks.0.hook_resid_mid")
     return {
+        "name": f"tiny_{architecture}",
+        "architecture": architecture,
+        "sites": sites,
         "root": root,
         "model_id_template": str(root / "seed{seed}"),
         "tokenizer": tok_dir,

@@ -1,0 +1,26 @@
+"""map_family on the smoke runs: is the seed-to-seed map a rotation, or more?"""
+
+from __future__ import annotations
+
+import pytest
+
+from polymorph.align.maps import MAP_FAMILIES
+from polymorph.analysis.map_family import MapFamily
+
+
+def test_map_family_reports_every_family_share_and_cka(smoke_context, tmp_path):
+    cb = MapFamily()
+    result = cb.run(smoke_context)
+    assert len(result["rows"]) == len(smoke_context.pairs) * len(smoke_context.sites)
+    for row in result["rows"]:
+        for family in MAP_FAMILIES:
+            assert f"{family}_ev_standard" in row and f"{family}_ev_published" in row
+        # held out, a richer family never loses much to a poorer one
+        assert row["affine_ev_standard"] >= row["orthogonal_ev_standard"] - 0.05
+        assert row["orthogonal_share"] == pytest.approx(
+            row["orthogonal_ev_standard"] / row["affine_ev_standard"]
+        )
+        assert 0.0 <= row["cka"] <= 1.0 + 1e-9
+    figures = cb.figures(smoke_context, result, tmp_path)
+    assert figures and figures[0].stat().st_size > 1000
+    assert "orthogonal share" in cb.report(smoke_context, result, figures)

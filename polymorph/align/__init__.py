@@ -3,12 +3,15 @@
 * :mod:`~polymorph.align.metrics` (explained variance, both definitions);
 * :mod:`~polymorph.align.procrustes` (fit / apply / score a rotation between two models);
 * :mod:`~polymorph.align.haar` (is a rotation a Haar draw? trace, KS, near-fixed subspace);
+* :mod:`~polymorph.align.span` (the trace test on the activations' span or a subspace's complement);
+* :mod:`~polymorph.align.drift` (one fitted rotation summarised, e.g. a checkpoint to the final);
 * :mod:`~polymorph.align.universality` (decoder max-cosine and Hungarian matching);
 * :mod:`~polymorph.align.transfer` (move an SAE or a steering vector between frames).
 
 ``transfer`` imports sae-lens, so its names are loaded lazily.
 """
 
+from polymorph.align.drift import frob_dist_on_span, rotation_summary
 from polymorph.align.haar import (
     HaarDiagnostics,
     HaarDiagnosticsSet,
@@ -26,6 +29,13 @@ from polymorph.align.haar import (
 )
 from polymorph.align.metrics import EV_DEFINITIONS, ev_published, ev_standard, explained_variance
 from polymorph.align.procrustes import Rotation, fit_rotation, score_alignment
+from polymorph.align.span import (
+    SpanDiagnostics,
+    activation_span,
+    complement_basis,
+    complement_diagnostics,
+    span_diagnostics,
+)
 from polymorph.align.universality import (
     ChanceLevel,
     Universality,
@@ -42,8 +52,12 @@ __all__ = [
     "HaarDiagnosticsSet",
     "HaarNull",
     "Rotation",
+    "SpanDiagnostics",
     "Universality",
+    "activation_span",
     "chance_level",
+    "complement_basis",
+    "complement_diagnostics",
     "compressed_trace_moments",
     "decoder_universality",
     "diagnose",
@@ -54,11 +68,14 @@ __all__ = [
     "exact_trace_moments",
     "explained_variance",
     "fit_rotation",
+    "frob_dist_on_span",
     "haar_null",
     "haar_orthogonal",
     "haar_with_fixed_block",
     "pooled_trace_z",
+    "rotation_summary",
     "score_alignment",
+    "span_diagnostics",
     "trace_zscore",
     "transfer_sae",
     "transfer_vector",

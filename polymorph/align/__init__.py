@@ -3,6 +3,7 @@
 * :mod:`~polymorph.align.metrics` (explained variance, both definitions);
 * :mod:`~polymorph.align.procrustes` (fit / apply / score a rotation between two models);
 * :mod:`~polymorph.align.haar` (is a rotation a Haar draw? trace, KS, near-fixed subspace);
+* :mod:`~polymorph.align.fixed` (near-fixed subspace thresholded at the fit's bootstrap noise);
 * :mod:`~polymorph.align.span` (the trace test on the activations' span or a subspace's complement);
 * :mod:`~polymorph.align.drift` (one fitted rotation summarised, e.g. a checkpoint to the final);
 * :mod:`~polymorph.align.universality` (decoder max-cosine and Hungarian matching);
@@ -12,6 +13,12 @@
 """
 
 from polymorph.align.drift import frob_dist_on_span, rotation_summary
+from polymorph.align.fixed import (
+    FitBootstrap,
+    NearFixedSubspace,
+    bootstrap_rotations,
+    near_fixed_subspace,
+)
 from polymorph.align.haar import (
     HaarDiagnostics,
     HaarDiagnosticsSet,
@@ -48,13 +55,16 @@ _LAZY = {"transfer_sae", "transfer_vector"}
 __all__ = [
     "EV_DEFINITIONS",
     "ChanceLevel",
+    "FitBootstrap",
     "HaarDiagnostics",
     "HaarDiagnosticsSet",
     "HaarNull",
+    "NearFixedSubspace",
     "Rotation",
     "SpanDiagnostics",
     "Universality",
     "activation_span",
+    "bootstrap_rotations",
     "chance_level",
     "complement_basis",
     "complement_diagnostics",
@@ -72,6 +82,7 @@ __all__ = [
     "haar_null",
     "haar_orthogonal",
     "haar_with_fixed_block",
+    "near_fixed_subspace",
     "pooled_trace_z",
     "rotation_summary",
     "score_alignment",

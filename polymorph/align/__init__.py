@@ -6,7 +6,7 @@
 * :mod:`~polymorph.align.fixed` (near-fixed subspace thresholded at the fit's bootstrap noise);
 * :mod:`~polymorph.align.span` (the trace test on the activations' span or a subspace's complement);
 * :mod:`~polymorph.align.drift` (one fitted rotation summarised, e.g. a checkpoint to the final);
-* :mod:`~polymorph.align.universality` (decoder max-cosine and Hungarian matching);
+* :mod:`~polymorph.align.universality` (decoder max-cosine, Hungarian matching, matched chance);
 * :mod:`~polymorph.align.transfer` (move an SAE or a steering vector between frames).
 
 ``transfer`` imports sae-lens, so its names are loaded lazily.
@@ -48,6 +48,7 @@ from polymorph.align.universality import (
     Universality,
     chance_level,
     decoder_universality,
+    matched_chance,
 )
 
 _LAZY = {"transfer_sae", "transfer_vector"}
@@ -82,6 +83,7 @@ __all__ = [
     "haar_null",
     "haar_orthogonal",
     "haar_with_fixed_block",
+    "matched_chance",
     "near_fixed_subspace",
     "pooled_trace_z",
     "rotation_summary",

@@ -1,7 +1,7 @@
 """polymorph.align: the mathematics the project reports (pure functions, planted-truth tested).
 
 * :mod:`~polymorph.align.metrics` (explained variance, both definitions);
-* :mod:`~polymorph.align.procrustes` (fit / apply / score a rotation between two models);
+* :mod:`~polymorph.align.procrustes` (fit / apply / score a rotation; the shuffled-pairing null);
 * :mod:`~polymorph.align.haar` (is a rotation a Haar draw? trace, KS, near-fixed subspace);
 * :mod:`~polymorph.align.fixed` (near-fixed subspace thresholded at the fit's bootstrap noise);
 * :mod:`~polymorph.align.span` (the trace test on the activations' span or a subspace's complement);
@@ -35,7 +35,13 @@ from polymorph.align.haar import (
     trace_zscore,
 )
 from polymorph.align.metrics import EV_DEFINITIONS, ev_published, ev_standard, explained_variance
-from polymorph.align.procrustes import Rotation, fit_rotation, score_alignment
+from polymorph.align.procrustes import (
+    Rotation,
+    fit_rotation,
+    fit_rotation_shuffled,
+    score_alignment,
+    shuffled_pairing,
+)
 from polymorph.align.span import (
     SpanDiagnostics,
     activation_span,
@@ -79,6 +85,7 @@ __all__ = [
     "exact_trace_moments",
     "explained_variance",
     "fit_rotation",
+    "fit_rotation_shuffled",
     "frob_dist_on_span",
     "haar_null",
     "haar_orthogonal",
@@ -88,6 +95,7 @@ __all__ = [
     "pooled_trace_z",
     "rotation_summary",
     "score_alignment",
+    "shuffled_pairing",
     "span_diagnostics",
     "trace_zscore",
     "transfer_sae",

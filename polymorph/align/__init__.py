@@ -6,6 +6,7 @@
 * :mod:`~polymorph.align.fixed` (near-fixed subspace thresholded at the fit's bootstrap noise);
 * :mod:`~polymorph.align.span` (the trace test on the activations' span or a subspace's complement);
 * :mod:`~polymorph.align.drift` (one fitted rotation summarised, e.g. a checkpoint to the final);
+* :mod:`~polymorph.align.statistics` (sequence and pair bootstrap intervals from per-sequence sums);
 * :mod:`~polymorph.align.universality` (decoder max-cosine, Hungarian matching, matched chance);
 * :mod:`~polymorph.align.transfer` (move an SAE or a steering vector between frames).
 
@@ -49,6 +50,18 @@ from polymorph.align.span import (
     complement_diagnostics,
     span_diagnostics,
 )
+from polymorph.align.statistics import (
+    EVSums,
+    Interval,
+    bootstrap_ci,
+    bootstrap_weights,
+    ev_ci,
+    ev_from_sums,
+    hierarchical_ci,
+    hierarchical_ev_ci,
+    hierarchical_ratio_ci,
+    ratio_ci,
+)
 from polymorph.align.universality import (
     ChanceLevel,
     Universality,
@@ -62,16 +75,20 @@ _LAZY = {"transfer_sae", "transfer_vector"}
 __all__ = [
     "EV_DEFINITIONS",
     "ChanceLevel",
+    "EVSums",
     "FitBootstrap",
     "HaarDiagnostics",
     "HaarDiagnosticsSet",
     "HaarNull",
+    "Interval",
     "NearFixedSubspace",
     "Rotation",
     "SpanDiagnostics",
     "Universality",
     "activation_span",
+    "bootstrap_ci",
     "bootstrap_rotations",
+    "bootstrap_weights",
     "chance_level",
     "complement_basis",
     "complement_diagnostics",
@@ -80,6 +97,8 @@ __all__ = [
     "diagnose",
     "diagnose_many",
     "eigen_angles",
+    "ev_ci",
+    "ev_from_sums",
     "ev_published",
     "ev_standard",
     "exact_trace_moments",
@@ -90,9 +109,13 @@ __all__ = [
     "haar_null",
     "haar_orthogonal",
     "haar_with_fixed_block",
+    "hierarchical_ci",
+    "hierarchical_ev_ci",
+    "hierarchical_ratio_ci",
     "matched_chance",
     "near_fixed_subspace",
     "pooled_trace_z",
+    "ratio_ci",
     "rotation_summary",
     "score_alignment",
     "shuffled_pairing",

@@ -54,11 +54,11 @@ from polymorph.align.haar import (
     HaarNull,
     _angles_and_vectors,
     _as_orthogonal,
-    _generator,
     _round_half_up,
     forced_fixed,
 )
 from polymorph.align.procrustes import Rotation, procrustes_matrix, single_threaded
+from polymorph.align.statistics import resample_counts
 
 DEFAULT_N_BOOT = 32
 DEFAULT_QUANTILE = 0.5
@@ -144,14 +144,6 @@ def cross_moments(source: torch.Tensor, target: torch.Tensor,
     return CrossMoments(n=counts, sum_x=sx, sum_y=sy, sum_xy=sxy, x=None, y=None)
 
 
-def multinomial_counts(n_units: int, n_boot: int, seed: int | torch.Generator) -> torch.Tensor:
-    """[n_boot, n_units] float64 resample counts: each row is n_units draws with replacement."""
-    g = _generator(seed)
-    idx = torch.randint(0, n_units, (n_boot, n_units), generator=g)
-    counts = torch.zeros(n_boot, n_units, dtype=torch.float64)
-    return counts.scatter_add_(1, idx, torch.ones(n_boot, n_units, dtype=torch.float64))
-
-
 @dataclass(frozen=True)
 class FitBootstrap:
     """Procrustes refits on bootstrap resamples of the fit's rows or sequences.
@@ -190,7 +182,7 @@ def bootstrap_rotations(source: torch.Tensor, target: torch.Tensor, rotation: Ro
     if source.shape[-1] != rotation.d:
         raise ValueError(f"activations are {source.shape[-1]}-d, the rotation is {rotation.d}-d")
     moments = cross_moments(source, target, groups)
-    w = multinomial_counts(moments.n_units, n_boot, seed)
+    w = resample_counts(moments.n_units, n_boot, seed)
     m = moments.centred_cross_covariance(w)
     rots = torch.stack([procrustes_matrix(mb, rotation.group)[0] for mb in m])
     angles = _angles_and_vectors(rotation.matrix.T @ rots, vectors=False)[0]

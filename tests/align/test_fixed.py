@@ -11,7 +11,6 @@ import torch
 from polymorph.align.fixed import (
     bootstrap_rotations,
     cross_moments,
-    multinomial_counts,
     near_fixed_subspace,
 )
 from polymorph.align.haar import (
@@ -21,6 +20,7 @@ from polymorph.align.haar import (
     haar_with_fixed_block,
 )
 from polymorph.align.procrustes import fit_rotation, procrustes_matrix, score_alignment
+from polymorph.align.statistics import resample_counts
 
 D, N = 64, 8000
 NOISE = 0.1  # held-out rotated EV about 0.956 with this spectrum
@@ -49,13 +49,13 @@ def test_weighted_sufficient_statistics_equal_a_refit_on_the_resample():
     x = torch.randn(300, 5, generator=g, dtype=torch.float64)
     y = x @ haar_orthogonal(5, seed=1) + 0.3 * torch.randn(300, 5, generator=g, dtype=torch.float64)
     groups = torch.arange(300) // 7 * 3 + 11  # arbitrary ids, uneven last group
-    w = multinomial_counts(int(groups.unique().numel()), 3, seed=2)
+    w = resample_counts(int(groups.unique().numel()), 3, seed=2)
     assert torch.equal(w.sum(1), torch.full((3,), float(groups.unique().numel()),
                                             dtype=torch.float64))
     for moments, unit_of_row in ((cross_moments(x, y, groups), torch.unique(groups,
                                                                             return_inverse=True)[1]),
                                  (cross_moments(x, y), torch.arange(300))):
-        wr = multinomial_counts(moments.n_units, 3, seed=2)
+        wr = resample_counts(moments.n_units, 3, seed=2)
         m = moments.centred_cross_covariance(wr)
         for b in range(3):
             rows = torch.repeat_interleave(torch.arange(300), wr[b][unit_of_row].long())

@@ -46,14 +46,14 @@ def test_activation_span_finds_the_planted_subspace_and_matches_effective_rank()
 
 
 def test_span_z_is_standard_normal_for_haar_rotations():
-    """Fixed 12-d span, 3,000 Haar draws: tr(B^T R B) has mean 0 and variance 12/64 exactly."""
-    n, r = 3000, 12
+    """Fixed 12-d span, 2,000 Haar draws: tr(B^T R B) has mean 0 and variance 12/64 exactly."""
+    n, r = 2000, 12
     b = haar_orthogonal(D, "O", seed=5)[:, :r]
     qs = haar_orthogonal(D, "O", seed=6, batch=n)
     t = torch.einsum("ia,nij,ja->n", b, qs, b)
     z = t / math.sqrt(r / D)
     assert abs(float(z.mean())) < 3 / math.sqrt(n)
-    assert float(z.std()) == pytest.approx(1.0, rel=0.04)
+    assert float(z.std()) == pytest.approx(1.0, rel=0.05)
     null = haar_null(D, "O", 400, seed=0)
     diags = [span_diagnostics(q, b, null) for q in qs[:40]]
     np.testing.assert_allclose([x.trace_z for x in diags], z[:40].numpy(), atol=1e-10)
@@ -108,7 +108,7 @@ def test_identity_on_the_span_is_flagged_whatever_the_completion():
 
 def test_complement_of_a_fixed_block_is_haar():
     """R = I on a planted 6-d block E, Haar on its complement: full z ~ 6, complement z ~ N(0,1)."""
-    k, n = 6, 200
+    k, n = 6, 120
     null_c = haar_null(D - k, "O", 200, seed=0)
     full_null = haar_null(D, "O", 400, seed=0)
     g = torch.Generator().manual_seed(11)

@@ -1,9 +1,11 @@
-"""Is a fitted rotation a uniform (Haar) random draw? Diagnostics against a Monte-Carlo null.
+"""Is a fitted rotation a uniform (Haar) random draw? Diagnostics against exact and Monte-Carlo nulls.
 
-For an orthogonal R, ``||R - I||_F^2 = 2d - 2 tr(R)``. Under the Haar measure on O(d), ``tr(R)``
-has mean 0 and variance 1 for every d >= 2, so ``||R - I||_F ~ sqrt(2d)``; the group matters (an
-SO(d) draw of odd d always has an eigenvalue +1, for instance), so every null here is simulated
-for the same (d, group) as the matrix it judges.
+For an orthogonal R, ``||R - I||_F^2 = 2d - 2 tr(R)``. Under the Haar measure, ``tr(R)`` has mean
+0 and variance 1 exactly for O(d) (every d >= 1) and SO(d) (d >= 3) (Diaconis & Shahshahani; the
+small-d values are in :func:`exact_trace_moments`), so ``||R - I||_F ~ sqrt(2d)``. The group still
+matters for everything beyond the first two moments (an SO(d) draw of odd d always has an
+eigenvalue +1, for instance), so every Monte-Carlo null is simulated for the same (d, group) as
+the matrix it judges.
 
 Eigen-angles: the eigenvalues of a real orthogonal R are ``exp(+-i theta)`` pairs and real +-1.
 This module reports the multiset ``|arg(lambda)|`` in [0, pi], one angle per eigenvalue (so a
@@ -15,14 +17,17 @@ real invariant planes. One symmetric eigendecomposition (``eigh``) therefore giv
 SVD of ``R - I`` (singular values ``2 sin(theta/2)``) and is 3x cheaper than it, and 10x cheaper
 than a general eigensolver.
 
-Tests (METHOD.md, "Haar diagnostics"):
-  * trace: z-score against the null's mean and std, and a two-sided empirical p-value
-    ``(1 + #{null : |t0 - m| >= |t - m|}) / (n_null + 1)`` with m the null mean.
+Tests (METHOD.md, "Haar diagnostics" and "Calibration"):
+  * trace: ``z = (tr R - m) / sqrt(v)`` with the *exact* Haar moments ``(m, v)`` of
+    :func:`exact_trace_moments` (no Monte-Carlo error in z), and a two-sided empirical p-value
+    ``(1 + #{null : |t0 - m| >= |t - m|}) / (n_null + 1)`` from the simulated null (the
+    simulation's own mean and std are kept for reference, not used).
   * KS: the published two-sample Kolmogorov-Smirnov test of R's eigen-angles against the pooled
     angles of the null draws (``scipy.stats.ks_2samp``). Haar angles repel each other, so the
     angles of one draw are far more regular than an i.i.d. sample: KS p-values of Haar draws sit
     near 1 and the test is conservative, with little power against a small fixed subspace.
-  * near-fixed subspace, see :func:`simulate_haar_null` for the threshold rule.
+  * near-fixed subspace, see :func:`simulate_haar_null` for the noiseless threshold rule and
+    :mod:`polymorph.align.fixed` for the threshold calibrated to the fit's own noise.
 """
 
 from __future__ import annotations
@@ -56,6 +61,54 @@ def _generator(seed: int | torch.Generator | None) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(0 if seed is None else int(seed))
     return g
+
+
+def compressed_trace_moments(d: int, r: int, group: str = "O") -> tuple[float, float]:
+    """Exact mean and variance of ``tr(B^T R B)`` for R Haar on ``group`` in d dimensions and B
+    any fixed orthonormal [d, r] basis (0 <= r <= d); ``r = d`` is the trace itself.
+
+    Derivation: Haar is invariant under ``R -> Q^T R Q``, so ``tr(B^T R B)`` has the law of
+    ``R_11 + ... + R_rr``. For O(d) (any d, as -R ~ R) and SO(d) with d >= 2, ``E R = 0``. For
+    O(d) (any d) and SO(d) with d >= 3 the only invariant of two tensor factors is the identity,
+    so ``E[R_ij R_kl] = delta_ik delta_jl / d``: ``Var R_aa = 1/d`` and ``Cov(R_aa, R_bb) = 0``
+    for a != b, hence **mean 0, variance r/d**. The exceptions are the two abelian groups:
+    SO(1) = {1} (mean r, variance 0) and SO(2), where ``R = [[c, -s], [s, c]]`` with
+    ``c = cos(theta)``, theta uniform: ``R_11 = R_22 = c`` are perfectly correlated, so r = 1
+    gives (0, 1/2) (= r/d) but r = 2 gives tr = 2c: (0, 2).
+    """
+    _check_group(group)
+    if d < 1 or not 0 <= r <= d:
+        raise ValueError(f"need d >= 1 and 0 <= r <= d, got d={d}, r={r}")
+    if group == "SO" and d == 1:
+        return float(r), 0.0
+    if group == "SO" and d == 2 and r == 2:
+        return 0.0, 2.0
+    return 0.0, r / d
+
+
+def exact_trace_moments(d: int, group: str = "O") -> tuple[float, float]:
+    """Exact (mean, variance) of tr(R) for R Haar on O(d) or SO(d).
+
+    (0, 1) for O(d), every d >= 1, and for SO(d), d >= 3 (Diaconis & Shahshahani 1994: the
+    first d moments of tr R equal those of N(0, 1)). Small groups, by hand:
+    O(1) = {+1, -1}: tr = +-1 equally, (0, 1); SO(1) = {1}: tr = 1, (1, 0);
+    O(2): half the mass is rotations (tr = 2 cos(theta), theta uniform) and half reflections
+    (tr = 0), so (0, (1/2) * 2 + (1/2) * 0) = (0, 1); SO(2): tr = 2 cos(theta), (0, 2).
+    A special case (r = d) of :func:`compressed_trace_moments`.
+    """
+    return compressed_trace_moments(d, d, group)
+
+
+def trace_zscore(trace: float | torch.Tensor | np.ndarray, d: int, group: str = "O",
+                 r: int | None = None) -> float | torch.Tensor | np.ndarray:
+    """``(t - m) / sqrt(v)`` with the exact Haar moments of :func:`compressed_trace_moments`
+    (``r=None``: the full trace, r = d). Works elementwise on arrays; NaN where v = 0 (SO(1),
+    whose only element is the identity, has no spread to measure against).
+    """
+    m, v = compressed_trace_moments(d, d if r is None else r, group)
+    if v == 0:
+        return trace * float("nan")
+    return (trace - m) / math.sqrt(v)
 
 
 def _draw(d: int, group: str, g: torch.Generator, batch: int | None
@@ -154,8 +207,16 @@ class HaarNull:
         dets: [n_samples], det(R) of each draw (+1 or -1).
         angles: [n_samples, d], each draw's eigen-angles, ascending.
         pooled_angles: [n_samples * d], all angles, ascending (the KS reference sample).
-        trace_mean, trace_std: moments of ``traces`` (std with ddof=1).
-        fixed_threshold: tau, the angle below which an eigen-direction counts as near-fixed.
+        free_angles: the pooled angles without the zero that :func:`forced_fixed` forces on a
+            draw (its first angle), ascending: the reference for :meth:`expected_free_below`.
+        diagonals: [n_samples, d], each draw's diagonal; ``diagonals[:, :r].sum(1)`` is a sample
+            of ``tr(B^T R B)`` for any fixed orthonormal [d, r] basis B (Haar invariance), the
+            Monte-Carlo null of the span-restricted trace (:mod:`polymorph.align.span`).
+        trace_mean, trace_std: the *simulated* moments of ``traces`` (std with ddof=1), kept to
+            check the simulation against :attr:`exact_trace_mean` / :attr:`exact_trace_var`;
+            z-scores use the exact ones.
+        fixed_threshold: tau, the angle below which an eigen-direction counts as near-fixed
+            (noiseless rule, see :func:`simulate_haar_null`).
         fixed_expected: the null's mean count per matrix of *free* angles below tau (angles
             forced to 0 by :func:`forced_fixed` excluded), about ``FIXED_EXCESS_RATE``.
     """
@@ -172,12 +233,40 @@ class HaarNull:
     trace_std: float
     fixed_threshold: float
     fixed_expected: float
+    free_angles: np.ndarray
+    diagonals: np.ndarray
+
+    @property
+    def exact_trace_mean(self) -> float:
+        """E tr(R) under Haar, exactly (:func:`exact_trace_moments`)."""
+        return exact_trace_moments(self.d, self.group)[0]
+
+    @property
+    def exact_trace_var(self) -> float:
+        """Var tr(R) under Haar, exactly (:func:`exact_trace_moments`)."""
+        return exact_trace_moments(self.d, self.group)[1]
+
+    def expected_free_below(self, tau: float) -> float:
+        """Mean number per Haar draw of free (not group-forced) eigen-angles strictly below tau.
+
+        Any tau, not only :attr:`fixed_threshold`: the count of :attr:`free_angles` below tau
+        divided by ``n_samples``. Its Monte-Carlo resolution is ``1 / n_samples``; near 0 it
+        grows linearly in tau for O(2m) and SO(2m) (whose angle density does not vanish at 0)
+        and like tau^3 for the other cases.
+        """
+        return float(np.searchsorted(self.free_angles, tau, side="left") / self.n_samples)
+
+    def compressed_traces(self, r: int) -> np.ndarray:
+        """[n_samples] samples of ``tr(B^T R B)`` for a fixed orthonormal [d, r] basis B."""
+        if not 0 <= r <= self.d:
+            raise ValueError(f"r must be in [0, d={self.d}], got {r}")
+        return self.diagonals[:, :r].sum(axis=1)
 
 
 @single_threaded()
 def simulate_haar_null(d: int, group: str = "O", n_samples: int = DEFAULT_NULL_SAMPLES,
                        seed: int = 0, chunk: int = 8) -> HaarNull:
-    """Draw ``n_samples`` Haar matrices and summarise their traces and eigen-angles.
+    """Draw ``n_samples`` Haar matrices and summarise their traces, diagonals and eigen-angles.
 
     Near-fixed threshold rule (robust to the group and parity of d): from each draw drop the
     angle the group forces to 0 (:func:`forced_fixed`; e.g. half of all O(2m) draws have an exact
@@ -185,37 +274,39 @@ def simulate_haar_null(d: int, group: str = "O", n_samples: int = DEFAULT_NULL_S
     ``round(FIXED_EXCESS_RATE * n_samples)`` free angles below it, i.e. a Haar draw has on
     average 0.05 free angles below tau (one near-fixed plane in about 40 draws). A matrix's
     estimate is then ``max(0, round(count_below(tau) - forced - fixed_expected))``: its excess of
-    near-fixed directions over what Haar gives.
+    near-fixed directions over what Haar gives. This tau ignores fit noise (0.0027 rad at d=64):
+    for a fitted R use :func:`polymorph.align.fixed.near_fixed_subspace`.
     """
     _check_group(group)
     if n_samples < 2:
         raise ValueError(f"n_samples must be >= 2 for a null distribution, got {n_samples}")
     g = _generator(seed)
-    traces, dets, angles = [], [], []
+    diagonals, dets, angles = [], [], []
     done = 0
     while done < n_samples:
         b = min(chunk, n_samples - done)
         q, det = _draw(d, group, g, batch=b)
-        traces.append(torch.diagonal(q, dim1=-2, dim2=-1).sum(-1))
+        diagonals.append(torch.diagonal(q, dim1=-2, dim2=-1))
         dets.append(det)
         angles.append(_angles_and_vectors(q, vectors=False)[0])
         done += b
-    tr = torch.cat(traces).numpy()
+    diag = torch.cat(diagonals).numpy()
+    tr = diag.sum(axis=1)
     det = torch.cat(dets).numpy()
     ang = torch.cat(angles).numpy()
     forced = np.array([forced_fixed(d, x) for x in det], dtype=bool)
     # Angles are ascending per draw, so a forced zero is each forced draw's first angle.
     free = np.sort(np.concatenate([ang[~forced].ravel(), ang[forced, 1:].ravel()]))
     k = min(max(1, round(FIXED_EXCESS_RATE * n_samples)), free.size - 1)
-    tau = float(free[k])
-    expected = float(((ang < tau).sum() - forced.sum()) / n_samples)
+    tau = float(free[k]) if free.size else 0.0  # SO(1) has no free angle
+    expected = float(np.searchsorted(free, tau, side="left") / n_samples)
     pooled = np.sort(ang, axis=None)
-    for arr in (tr, det, ang, pooled):
+    for arr in (tr, det, ang, pooled, free, diag):
         arr.setflags(write=False)
     return HaarNull(d=d, group=group, n_samples=n_samples, seed=seed, traces=tr, dets=det,
                     angles=ang, pooled_angles=pooled, trace_mean=float(tr.mean()),
                     trace_std=float(tr.std(ddof=1)), fixed_threshold=tau,
-                    fixed_expected=expected)
+                    fixed_expected=expected, free_angles=free, diagonals=diag)
 
 
 @lru_cache(maxsize=32)
@@ -248,10 +339,17 @@ class HaarDiagnostics:
 
     Attributes:
         frob_dist: ||R - I||_F. frob_ratio: frob_dist / sqrt(2d) (about 1 for Haar, 0 for R = I).
-        trace, trace_z, trace_p: see the module docstring; det: +1 or -1.
+        trace: tr(R). det: +1 or -1.
+        trace_z: ``(trace - trace_exact_mean) / sqrt(trace_exact_var)``, the exact Haar moments
+            of :func:`exact_trace_moments` ((0, 1) for d >= 3); NaN for SO(1).
+        trace_p: two-sided Monte-Carlo p-value, ``(1 + #{null : |t0 - m| >= |t - m|}) /
+            (n_null + 1)`` with m = trace_exact_mean.
+        trace_exact_mean, trace_exact_var: the exact null moments used by trace_z.
+        trace_mc_mean, trace_mc_std: the simulated null's moments (a check on the simulation,
+            not used by trace_z).
         eigen_angles: ascending angles in [0, pi] (length d).
         ks_stat, ks_p: two-sample KS of eigen_angles against the null's pooled angles.
-        fixed_threshold: tau (from the null). fixed_count: number of angles below tau.
+        fixed_threshold: tau (from the null, noiseless). fixed_count: number of angles below tau.
         fixed_forced: 0 or 1, the angle at 0 forced by det and the parity of d.
         fixed_expected: the null's mean count of free angles below tau.
         fixed_dim_estimate: ``max(0, round(fixed_count - fixed_forced - fixed_expected))``, the
@@ -278,6 +376,10 @@ class HaarDiagnostics:
     fixed_expected: float
     fixed_dim_estimate: int
     fixed_basis: torch.Tensor
+    trace_exact_mean: float = 0.0
+    trace_exact_var: float = 1.0
+    trace_mc_mean: float = float("nan")
+    trace_mc_std: float = float("nan")
 
     @property
     def fixed_projector(self) -> torch.Tensor:
@@ -288,6 +390,7 @@ class HaarDiagnostics:
         """JSON-serialisable primitives (floats, ints, str, lists)."""
         out = {k: getattr(self, k) for k in (
             "d", "group", "frob_dist", "frob_ratio", "trace", "trace_z", "trace_p", "det",
+            "trace_exact_mean", "trace_exact_var", "trace_mc_mean", "trace_mc_std",
             "ks_stat", "ks_p", "fixed_threshold", "fixed_count", "fixed_forced", "fixed_expected",
             "fixed_dim_estimate")}
         if include_angles:
@@ -301,12 +404,24 @@ def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
 
+def mc_two_sided_p(value: float, null_samples: np.ndarray, centre: float) -> float:
+    """``(1 + #{s : |s - centre| >= |value - centre|}) / (n + 1)``: never 0, exact under the null.
+
+    A tiny relative slack (1e-12) counts null samples equal to ``value`` up to rounding as
+    extreme (e.g. SO(1), where every sample equals the statistic).
+    """
+    dev = abs(value - centre)
+    n_extreme = int((np.abs(null_samples - centre) >= dev * (1 - 1e-12)).sum())
+    return (1 + n_extreme) / (null_samples.size + 1)
+
+
 @single_threaded()
 def diagnose(r: torch.Tensor, null: HaarNull) -> HaarDiagnostics:
     """All Haar diagnostics of one orthogonal matrix ``r`` [d, d] against ``null``.
 
     Pass the null of the group the fit was restricted to (``haar_null(d, rotation.group)``); a
-    det -1 matrix against an SO null is an error.
+    det -1 matrix against an SO null is an error. Where the activations span fewer than d
+    directions, R is arbitrary off their span: use :func:`polymorph.align.span.span_diagnostics`.
     """
     r = _as_orthogonal(r, null.d)
     d = null.d
@@ -321,19 +436,19 @@ def diagnose(r: torch.Tensor, null: HaarNull) -> HaarDiagnostics:
         basis = vecs[:, :count].contiguous()
     trace = float(torch.trace(r))
     frob = float(torch.linalg.norm(r - torch.eye(d, dtype=torch.float64)))
-    dev = abs(trace - null.trace_mean)
-    n_extreme = int((np.abs(null.traces - null.trace_mean) >= dev).sum())
+    mean, var = exact_trace_moments(d, null.group)
     ks = stats.ks_2samp(angles.numpy(), null.pooled_angles)
     forced = forced_fixed(d, det)
     estimate = max(0, _round_half_up(count - forced - null.fixed_expected))
     return HaarDiagnostics(
         d=d, group=null.group, frob_dist=frob, frob_ratio=frob / math.sqrt(2 * d), trace=trace,
-        trace_z=(trace - null.trace_mean) / null.trace_std,
-        trace_p=(1 + n_extreme) / (null.n_samples + 1), det=det,
+        trace_z=float(trace_zscore(trace, d, null.group)),
+        trace_p=mc_two_sided_p(trace, null.traces, mean), det=det,
         eigen_angles=angles.tolist(), ks_stat=float(ks.statistic), ks_p=float(ks.pvalue),
         fixed_threshold=null.fixed_threshold, fixed_count=count, fixed_forced=forced,
         fixed_expected=null.fixed_expected, fixed_dim_estimate=estimate,
-        fixed_basis=basis)
+        fixed_basis=basis, trace_exact_mean=mean, trace_exact_var=var,
+        trace_mc_mean=null.trace_mean, trace_mc_std=null.trace_std)
 
 
 @dataclass(frozen=True)
@@ -344,9 +459,11 @@ class HaarDiagnosticsSet:
         per_matrix: one :class:`HaarDiagnostics` per matrix, in input order.
         pooled_ks_stat, pooled_ks_p: KS of all matrices' angles pooled (the published test)
             against the null's pooled angles.
-        pooled_trace_z, pooled_trace_p: ``sum(t_i - m) / (s sqrt(n))`` with the null's mean m
-            and std s, and its two-sided normal p-value (the Haar trace is close to normal for
-            any d, and a sum of independent ones more so). Assumes the matrices are independent.
+        pooled_trace_z, pooled_trace_p: ``sum_i (t_i - m) / sqrt(k v)`` over the k matrices,
+            with the exact Haar moments (m, v) of :func:`exact_trace_moments`, and its two-sided
+            normal p-value (the Haar trace is close to normal for any d >= 3, its first d
+            moments being normal ones, and a sum of independent ones more so). Assumes the
+            matrices are independent (not true of pairs sharing a seed).
     """
 
     per_matrix: list[HaarDiagnostics]
@@ -362,6 +479,18 @@ class HaarDiagnosticsSet:
                 "per_matrix": [m.to_dict(include_angles=include_angles) for m in self.per_matrix]}
 
 
+def pooled_trace_z(traces: list[float] | torch.Tensor | np.ndarray, d: int,
+                   group: str = "O") -> float:
+    """``sum_i (t_i - m) / sqrt(k v)`` for k traces of d x d matrices, exact Haar (m, v)."""
+    t = np.asarray(traces, dtype=np.float64)
+    if t.size == 0:
+        raise ValueError("pooled_trace_z needs at least one trace")
+    m, v = exact_trace_moments(d, group)
+    if v == 0:
+        return float("nan")
+    return float((t - m).sum() / math.sqrt(t.size * v))
+
+
 def diagnose_many(rs: list[torch.Tensor] | torch.Tensor, null: HaarNull) -> HaarDiagnosticsSet:
     """:func:`diagnose` each matrix, plus the pooled KS and a pooled trace test."""
     if len(rs) == 0:
@@ -369,7 +498,7 @@ def diagnose_many(rs: list[torch.Tensor] | torch.Tensor, null: HaarNull) -> Haar
     per = [diagnose(r, null) for r in rs]
     pooled = np.concatenate([np.asarray(m.eigen_angles) for m in per])
     ks = stats.ks_2samp(pooled, null.pooled_angles)
-    z = sum(m.trace - null.trace_mean for m in per) / (null.trace_std * math.sqrt(len(per)))
+    z = pooled_trace_z([m.trace for m in per], null.d, null.group)
     return HaarDiagnosticsSet(per_matrix=per, pooled_ks_stat=float(ks.statistic),
-                              pooled_ks_p=float(ks.pvalue), pooled_trace_z=float(z),
+                              pooled_ks_p=float(ks.pvalue), pooled_trace_z=z,
                               pooled_trace_p=float(2 * stats.norm.sf(abs(z))))

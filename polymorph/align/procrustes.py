@@ -287,3 +287,75 @@ def score_alignment(rotation: Rotation, source: torch.Tensor, target: torch.Tens
         for name, value in explained_variance(pred, target).items():
             out[f"{kind}_{name}"] = value
     return out
+
+
+def _cyclic_derangement(items: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor,
+                                                                         torch.Tensor]:
+    """(receivers, donors): a uniformly random cyclic order of ``items``, each paired with the
+    next one, so that no item is paired with itself (for two or more items)."""
+    order = items[torch.randperm(items.numel(), generator=g)]
+    return order, order.roll(-1)
+
+
+def shuffled_pairing(n_rows: int, seed: int = 0, groups: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """A row permutation ``perm`` [n_rows] such that ``(source[perm], target)`` is a wrong pairing.
+
+    Without ``groups``: a random cyclic derangement of the rows (no row keeps its partner).
+    With ``groups`` ([n_rows] sequence ids): whole sequences are deranged among the sequences
+    of the same length, row i of one paired with row i of another (rows of a sequence taken in
+    their order of appearance), so positions stay aligned and only the content is unpaired;
+    with a positional code shared by the two models, this null still matches position.
+    Sequences whose length no other sequence has are pooled and deranged row by row. (With a
+    single such row in total, that row keeps its partner.)
+    """
+    if n_rows < 2:
+        raise ValueError(f"a shuffled pairing needs at least 2 rows, got {n_rows}")
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    perm = torch.arange(n_rows)
+    if groups is None:
+        receivers, donors = _cyclic_derangement(torch.arange(n_rows), g)
+        perm[receivers] = donors
+        return perm
+    ids = torch.as_tensor(groups)
+    if ids.ndim != 1 or ids.shape[0] != n_rows:
+        raise ValueError(f"groups must be a 1-D tensor of {n_rows} sequence ids, got shape "
+                         f"{tuple(ids.shape)}")
+    _, ids = torch.unique(ids, return_inverse=True)
+    order = torch.argsort(ids, stable=True)  # rows grouped by sequence, in order of appearance
+    sizes = torch.bincount(ids)
+    rows_of = torch.split(order, sizes.tolist())
+    singles: list[torch.Tensor] = []
+    for length in sizes.unique().tolist():
+        members = (sizes == length).nonzero().flatten()
+        if members.numel() == 1:
+            singles.append(rows_of[int(members)])
+            continue
+        receivers, donors = _cyclic_derangement(members, g)
+        for t, s in zip(receivers.tolist(), donors.tolist()):
+            perm[rows_of[t]] = rows_of[s]
+    if singles:
+        pool = torch.cat(singles)
+        if pool.numel() > 1:
+            receivers, donors = _cyclic_derangement(pool, g)
+            perm[receivers] = donors
+    return perm
+
+
+def fit_rotation_shuffled(source: torch.Tensor, target: torch.Tensor, seed: int = 0,
+                          groups: torch.Tensor | None = None, group: str = "O",
+                          precision: str = "float64") -> Rotation:
+    """The shuffled-pairing null of :func:`fit_rotation` (METHOD.md, "Calibration").
+
+    The same Procrustes fit after the rows of ``source`` are re-paired with the wrong rows of
+    ``target`` (:func:`shuffled_pairing`: rows, or whole sequences of equal length when
+    ``groups`` gives each row's sequence id). The two distributions are matched as sets, not
+    point by point: a transfer metric that this map also scores high says nothing about
+    corresponding features. The means are those of the true fit (a permutation keeps them).
+    """
+    _validate_pair(source, target)
+    perm = shuffled_pairing(source.shape[0], seed, groups).to(source.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a shuffled M is often ill-conditioned
+        return fit_rotation(source[perm], target, group=group, precision=precision)

@@ -10,8 +10,12 @@ Metrics (METHOD.md, "Metrics"):
   * Hungarian: a one-to-one matching (``scipy.optimize.linear_sum_assignment`` maximising the
     total cosine; rectangular allowed, ``min(n_a, n_b)`` pairs) and the mean cosine of the pairs.
 
-Chance: for independent random unit dictionaries the expected max-cosine grows like
-``sqrt(2 ln n_b / d)``; :func:`chance_level` measures it by Monte Carlo for the sizes at hand.
+Chance (METHOD.md, "Calibration"). :func:`chance_level` draws rows uniformly on the sphere of all
+d dimensions (expected max-cosine about ``sqrt(2 ln n_b / d)``). Trained decoder rows live in the
+activation span and are anisotropic within it, so two unrelated dictionaries score far higher than
+that: the isotropic value is a lower bound, not chance. :func:`matched_chance` is chance: random
+dictionaries of the same shapes whose rows are drawn from N(0, C) with C each real dictionary's
+row second-moment matrix (rotated with B when B is rotated), then unit-normalised.
 """
 
 from __future__ import annotations
@@ -126,7 +130,20 @@ def decoder_universality(dec_a: torch.Tensor, dec_b: torch.Tensor,
 
 @dataclass(frozen=True)
 class ChanceLevel:
-    """Universality of two independent random unit dictionaries (mean over trials)."""
+    """Universality of two independent random dictionaries, mean (and spread) over trials.
+
+    Attributes:
+        d, n_a, n_b, n_trials: sizes. kind: "isotropic" (:func:`chance_level`, rows uniform on
+            the sphere: a lower bound) or "matched" (:func:`matched_chance`: rows from each real
+            dictionary's second-moment matrix). rotated: whether B's second moment was rotated
+            into A's frame.
+        mean_max_cos, frac_above_0_5, hungarian_mean_cos: the metrics of
+            :func:`decoder_universality`, averaged over trials; ``*_std``: their spread across
+            trials (ddof=1; 0 for one trial).
+        effective_dim_a, effective_dim_b: participation ratio ``tr(C)^2 / tr(C^2)`` of the row
+            second-moment matrices the rows were drawn from (d for isotropic rows; about r for
+            rows spread evenly over an r-dimensional span).
+    """
 
     d: int
     n_a: int
@@ -136,32 +153,111 @@ class ChanceLevel:
     mean_max_cos_std: float
     frac_above_0_5: float
     hungarian_mean_cos: float
+    frac_above_0_5_std: float = 0.0
+    hungarian_mean_cos_std: float = 0.0
+    kind: str = "isotropic"
+    rotated: bool = False
+    effective_dim_a: float = float("nan")
+    effective_dim_b: float = float("nan")
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
+def _std(values: list[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _chance_trials(draw_a, draw_b, n_trials: int, hungarian: bool) -> dict:
+    """Score ``n_trials`` pairs of random dictionaries from the two samplers."""
+    means, fracs, hungs = [], [], []
+    for _ in range(n_trials):
+        u = decoder_universality(draw_a(), draw_b(), hungarian=hungarian)
+        means.append(u.mean_max_cos)
+        fracs.append(u.frac_above_0_5)
+        hungs.append(u.hungarian_mean_cos)
+    return {"n_trials": n_trials, "mean_max_cos": float(np.mean(means)),
+            "mean_max_cos_std": _std(means), "frac_above_0_5": float(np.mean(fracs)),
+            "frac_above_0_5_std": _std(fracs), "hungarian_mean_cos": float(np.mean(hungs)),
+            "hungarian_mean_cos_std": _std(hungs)}
+
+
 def chance_level(d: int, n_a: int, n_b: int, seed: int = 0, n_trials: int = 3,
                  hungarian: bool = True) -> ChanceLevel:
-    """Monte-Carlo chance level of :func:`decoder_universality` for isotropic random dictionaries.
+    """Monte-Carlo universality of isotropic random dictionaries: a **lower bound**, not chance.
 
-    Rows are Gaussian, hence uniform on the sphere after normalisation. ``mean_max_cos_std`` is
-    the spread of the per-trial mean across trials.
+    Rows are Gaussian, hence uniform on the sphere after normalisation. Trained decoder rows
+    concentrate in the activation span, where random directions agree more: use
+    :func:`matched_chance` as the chance level of a real pair of dictionaries.
+    ``mean_max_cos_std`` is the spread of the per-trial mean across trials.
     """
     if min(d, n_a, n_b, n_trials) < 1:
         raise ValueError("d, n_a, n_b and n_trials must all be >= 1")
     g = torch.Generator()
     g.manual_seed(seed)
-    means, fracs, hungs = [], [], []
-    for _ in range(n_trials):
-        a = torch.randn(n_a, d, generator=g, dtype=torch.float64)
-        b = torch.randn(n_b, d, generator=g, dtype=torch.float64)
-        u = decoder_universality(a, b, hungarian=hungarian)
-        means.append(u.mean_max_cos)
-        fracs.append(u.frac_above_0_5)
-        hungs.append(u.hungarian_mean_cos)
-    return ChanceLevel(d=d, n_a=n_a, n_b=n_b, n_trials=n_trials,
-                       mean_max_cos=float(np.mean(means)),
-                       mean_max_cos_std=float(np.std(means, ddof=1)) if n_trials > 1 else 0.0,
-                       frac_above_0_5=float(np.mean(fracs)),
-                       hungarian_mean_cos=float(np.mean(hungs)))
+    res = _chance_trials(lambda: torch.randn(n_a, d, generator=g, dtype=torch.float64),
+                         lambda: torch.randn(n_b, d, generator=g, dtype=torch.float64),
+                         n_trials, hungarian)
+    return ChanceLevel(d=d, n_a=n_a, n_b=n_b, kind="isotropic", rotated=False,
+                       effective_dim_a=float(d), effective_dim_b=float(d), **res)
+
+
+def row_second_moment(dec: torch.Tensor) -> torch.Tensor:
+    """``C = U^T U / n_live`` [d, d], U the unit-normalised non-zero rows of ``dec`` [n, d]."""
+    u = _unit_rows(dec, "dec")
+    live = u.norm(dim=1) > 0
+    if not live.any():
+        raise ValueError("the dictionary has no non-zero row")
+    u = u[live]
+    return u.T @ u / u.shape[0]
+
+
+def _participation_ratio(c: torch.Tensor) -> float:
+    return float(torch.trace(c) ** 2 / (c * c).sum())
+
+
+def _gaussian_rows(c: torch.Tensor, n: int, zero: torch.Tensor, g: torch.Generator):
+    """Sampler of [n, d] rows from N(0, C) with the rows flagged in ``zero`` set to 0."""
+    vals, vecs = torch.linalg.eigh(c)
+    factor = vecs * vals.clamp(min=0).sqrt()  # C = factor @ factor^T
+
+    def draw() -> torch.Tensor:
+        rows = torch.randn(n, c.shape[0], generator=g, dtype=torch.float64) @ factor.T
+        rows[zero] = 0.0
+        return rows
+
+    return draw
+
+
+def matched_chance(dec_a: torch.Tensor, dec_b: torch.Tensor,
+                   rotation: Rotation | torch.Tensor | None = None, n_trials: int = 3,
+                   seed: int = 0, hungarian: bool = True) -> ChanceLevel:
+    """Chance level of ``decoder_universality(dec_a, dec_b, rotation)`` for these dictionaries.
+
+    Two random dictionaries with the shapes of ``dec_a`` and ``dec_b`` [n, d]: rows drawn from
+    N(0, C_a) and N(0, C_b), C the real dictionary's row second-moment matrix
+    (:func:`row_second_moment`: rows unit-normalised first, zero rows left out), then
+    unit-normalised by the scoring. With ``rotation`` (B's frame into A's, as in
+    :func:`decoder_universality`) B's rows are rotated first, i.e. C_b becomes ``R^T C_b R``.
+    Zero rows (dead features with a zeroed decoder) stay zero rows in the random dictionary, so
+    they count as in the real comparison. Returns the metrics of :func:`decoder_universality`
+    averaged over ``n_trials`` (with their spread across trials).
+    """
+    if n_trials < 1:
+        raise ValueError(f"n_trials must be >= 1, got {n_trials}")
+    a = _unit_rows(dec_a, "dec_a")
+    b = _unit_rows(dec_b, "dec_b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"dictionaries live in different spaces: dec_a is {a.shape[1]}-d, "
+                         f"dec_b is {b.shape[1]}-d")
+    if rotation is not None:
+        b = rotate_directions(b, rotation)
+    c_a, c_b = row_second_moment(a), row_second_moment(b)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    res = _chance_trials(_gaussian_rows(c_a, a.shape[0], a.norm(dim=1) == 0, g),
+                         _gaussian_rows(c_b, b.shape[0], b.norm(dim=1) == 0, g),
+                         n_trials, hungarian)
+    return ChanceLevel(d=a.shape[1], n_a=a.shape[0], n_b=b.shape[0], kind="matched",
+                       rotated=rotation is not None, effective_dim_a=_participation_ratio(c_a),
+                       effective_dim_b=_participation_ratio(c_b), **res)

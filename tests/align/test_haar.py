@@ -11,14 +11,18 @@ import torch
 
 from polymorph.align.haar import (
     _draw,
+    compressed_trace_moments,
     diagnose,
     diagnose_many,
     eigen_angles,
+    exact_trace_moments,
     forced_fixed,
     haar_null,
     haar_orthogonal,
     haar_with_fixed_block,
+    pooled_trace_z,
     simulate_haar_null,
+    trace_zscore,
 )
 
 ALPHA = 0.05
@@ -154,8 +158,11 @@ def test_diagnose_many_pools_and_serialises():
     rs = [haar_orthogonal(64, "O", seed=s) for s in range(200, 208)]
     many = diagnose_many(rs, null)
     assert len(many.per_matrix) == 8 and 0 <= many.pooled_ks_p <= 1
-    expected_z = sum(m.trace - null.trace_mean for m in many.per_matrix) / (null.trace_std * 8**0.5)
+    # exact Haar moments (0, 1): the pooled z is the sum of traces over sqrt(k)
+    expected_z = sum(m.trace for m in many.per_matrix) / 8**0.5
     assert many.pooled_trace_z == pytest.approx(expected_z)
+    assert many.pooled_trace_z == pytest.approx(pooled_trace_z([m.trace for m in many.per_matrix],
+                                                               64, "O"))
     planted = diagnose_many([haar_with_fixed_block(64, 3, seed=s) for s in range(8)], null)
     assert planted.pooled_trace_p < 1e-6  # 8 matrices x 3 fixed dims: the pooled trace sees it
     text = json.dumps(many.to_dict(include_angles=True))
@@ -180,3 +187,65 @@ def test_bad_matrices_are_rejected():
         diagnose_many([], null)
     with pytest.raises(ValueError, match="group"):
         haar_orthogonal(4, "U")
+
+
+@pytest.mark.parametrize(("d", "group"), [(1, "O"), (1, "SO"), (2, "O"), (2, "SO"), (3, "O"),
+                                          (3, "SO"), (4, "SO"), (5, "O")])
+def test_exact_trace_moments_match_simulation_at_small_d(d, group):
+    n = 20_000
+    q = haar_orthogonal(d, group, seed=10 * d + len(group), batch=n)
+    tr = q.diagonal(dim1=-2, dim2=-1).sum(-1)
+    mean, var = exact_trace_moments(d, group)
+    expected = {(1, "O"): (0, 1), (1, "SO"): (1, 0), (2, "O"): (0, 1), (2, "SO"): (0, 2)}
+    assert (mean, var) == expected.get((d, group), (0, 1))
+    assert abs(float(tr.mean()) - mean) < 4 * max(var, 1e-12) ** 0.5 / n**0.5
+    assert float(tr.var()) == pytest.approx(var, abs=0.05)
+
+
+@pytest.mark.parametrize(("d", "r", "group"), [(8, 3, "O"), (5, 2, "O"), (3, 2, "SO"),
+                                               (2, 1, "SO"), (2, 2, "SO"), (2, 1, "O")])
+def test_compressed_trace_moments_match_simulation(d, r, group):
+    """tr(B^T R B) for a fixed random basis B (not coordinate axes) has mean 0 and var r/d."""
+    n = 20_000
+    q = haar_orthogonal(d, group, seed=d + r, batch=n)
+    b = haar_orthogonal(d, "O", seed=99)[:, :r]
+    t = torch.einsum("ia,nij,ja->n", b, q, b)
+    mean, var = compressed_trace_moments(d, r, group)
+    assert var == (2.0 if (d, r, group) == (2, 2, "SO") else r / d)
+    assert abs(float(t.mean()) - mean) < 4 * var**0.5 / n**0.5
+    assert float(t.var()) == pytest.approx(var, rel=0.05)
+
+
+@pytest.mark.parametrize(("d", "n"), [(8, 10_000), (64, 4_000)])
+def test_exact_trace_z_is_standard_normal_on_haar_draws(d, n):
+    q = haar_orthogonal(d, "O", seed=d, batch=n)
+    z = trace_zscore(q.diagonal(dim1=-2, dim2=-1).sum(-1), d, "O")
+    assert abs(float(z.mean())) < 3 / n**0.5
+    assert float(z.std()) == pytest.approx(1.0, rel=0.03)
+
+
+def test_diagnose_uses_exact_moments_and_keeps_the_simulated_ones():
+    null = haar_null(64, "O", NULL_SAMPLES[64], seed=0)
+    r = haar_with_fixed_block(64, 2, seed=5)
+    diag = diagnose(r, null)
+    assert diag.trace_z == pytest.approx(diag.trace)  # (tr - 0) / sqrt(1)
+    assert (diag.trace_exact_mean, diag.trace_exact_var) == (0.0, 1.0)
+    assert (diag.trace_mc_mean, diag.trace_mc_std) == (null.trace_mean, null.trace_std)
+    assert null.exact_trace_var == 1.0 and abs(null.trace_std - 1) < 0.15
+    so2 = diagnose(haar_orthogonal(2, "SO", seed=1), haar_null(2, "SO", 50))
+    assert so2.trace_z == pytest.approx(so2.trace / 2**0.5)
+    assert np.isnan(diagnose(torch.eye(1), haar_null(1, "SO", 10)).trace_z)
+    assert json.loads(json.dumps(diag.to_dict()))["trace_exact_var"] == 1.0
+
+
+def test_expected_free_below_any_threshold():
+    null = haar_null(64, "O", NULL_SAMPLES[64], seed=0)
+    assert null.expected_free_below(null.fixed_threshold) == pytest.approx(null.fixed_expected)
+    assert null.expected_free_below(0.0) == 0.0
+    assert null.expected_free_below(np.pi + 1) == pytest.approx(64 - (null.dets < 0).mean())
+    # O(2m): half the draws are SO(2m), whose angle density at 0 is twice the bulk d / pi, so
+    # the expected count grows like (d / pi) tau for small tau.
+    tau = 0.02
+    assert null.expected_free_below(tau) == pytest.approx(64 / np.pi * tau, rel=0.35)
+    assert null.compressed_traces(64) == pytest.approx(null.traces)
+    assert abs(null.compressed_traces(16).var() - 16 / 64) < 0.05

@@ -7,7 +7,14 @@ import torch
 
 from polymorph.align.haar import haar_orthogonal
 from polymorph.align.metrics import explained_variance
-from polymorph.align.procrustes import Rotation, fit_rotation, procrustes_matrix, score_alignment
+from polymorph.align.procrustes import (
+    Rotation,
+    fit_rotation,
+    fit_rotation_shuffled,
+    procrustes_matrix,
+    score_alignment,
+    shuffled_pairing,
+)
 
 D = 32
 
@@ -177,3 +184,37 @@ def test_rotation_validates_hand_built_matrix():
         Rotation(matrix=reflect, source_mean=z, target_mean=z, group="SO")
     with pytest.raises(ValueError, match="last dimension"):
         Rotation(matrix=torch.eye(3), source_mean=z, target_mean=z).apply(torch.zeros(2, 4))
+
+
+def test_shuffled_pairing_null_scores_near_the_floor():
+    g = torch.Generator().manual_seed(30)
+    q = haar_orthogonal(D, "O", seed=31)
+    x_fit = torch.randn(4000, D, generator=g, dtype=torch.float64)
+    x_new = torch.randn(4000, D, generator=g, dtype=torch.float64)
+    true = score_alignment(fit_rotation(x_fit, x_fit @ q), x_new, x_new @ q)
+    shuffled = fit_rotation_shuffled(x_fit, x_fit @ q, seed=0)
+    null = score_alignment(shuffled, x_new, x_new @ q)
+    assert true["rotated_ev_standard"] == pytest.approx(1.0)
+    # isotropic data: the shuffled map is unrelated to q, EV = 1 - (2 - 2 tr(R^T q) / d) ~ -1
+    assert null["rotated_ev_standard"] < 0.1
+    assert null["rotated_ev_standard"] == pytest.approx(-1.0, abs=0.3)
+    torch.testing.assert_close(shuffled.source_mean, x_fit.mean(0))
+
+
+def test_shuffled_pairing_is_a_derangement_that_keeps_positions():
+    perm = shuffled_pairing(50, seed=1)
+    assert sorted(perm.tolist()) == list(range(50)) and (perm != torch.arange(50)).all()
+    lengths = [5, 5, 5, 3, 3, 7, 5]  # the 7 is alone: its rows are deranged row by row
+    groups = torch.cat([torch.full((n,), 100 + i) for i, n in enumerate(lengths)])
+    position = torch.cat([torch.arange(n) for n in lengths])
+    perm = shuffled_pairing(groups.numel(), seed=2, groups=groups)
+    assert sorted(perm.tolist()) == list(range(groups.numel()))
+    paired = groups[perm] != groups
+    lone = groups == 105
+    assert paired[~lone].all()  # every sequence gets another sequence's rows
+    assert (position[perm][~lone] == position[~lone]).all()  # at the same positions
+    assert (perm[lone] != torch.arange(groups.numel())[lone]).all()
+    sizes = dict(zip(range(100, 107), lengths))
+    assert all(sizes[int(a)] == sizes[int(b)] for a, b in zip(groups[~lone], groups[perm][~lone]))
+    with pytest.raises(ValueError, match="groups"):
+        shuffled_pairing(10, groups=torch.zeros(9))

@@ -10,7 +10,12 @@ import torch
 
 from polymorph.align.haar import haar_orthogonal
 from polymorph.align.procrustes import fit_rotation
-from polymorph.align.universality import chance_level, cosine_matrix, decoder_universality
+from polymorph.align.universality import (
+    chance_level,
+    cosine_matrix,
+    decoder_universality,
+    matched_chance,
+)
 
 D, N = 64, 512  # the toy model's d_model and an x8 dictionary
 
@@ -110,3 +115,60 @@ def test_zero_rows_have_zero_cosine_and_bad_input_is_rejected():
         decoder_universality(torch.eye(4), torch.eye(4), rotation=torch.eye(5))
     with pytest.raises(ValueError, match="NaN"):
         decoder_universality(torch.full((2, 4), float("nan")), torch.eye(4))
+
+
+@pytest.fixture(scope="module")
+def span_dictionaries():
+    """Two independent random dictionaries confined to one shared 32-d subspace of R^64."""
+    g = torch.Generator().manual_seed(20)
+    basis = haar_orthogonal(D, "O", seed=21)[:, :32]
+    dec_a = torch.randn(N, 32, generator=g, dtype=torch.float64) @ basis.T
+    dec_b = torch.randn(N, 32, generator=g, dtype=torch.float64) @ basis.T
+    return dec_a, dec_b
+
+
+def test_matched_chance_equals_the_universality_of_unrelated_dictionaries_in_a_span(
+        span_dictionaries):
+    dec_a, dec_b = span_dictionaries
+    actual = decoder_universality(dec_a, dec_b)
+    matched = matched_chance(dec_a, dec_b, n_trials=3, seed=0)
+    isotropic = chance_level(D, N, N, seed=0, n_trials=3)
+    assert matched.kind == "matched" and isotropic.kind == "isotropic"
+    assert matched.effective_dim_a == pytest.approx(32, rel=0.1)
+    assert actual.mean_max_cos == pytest.approx(0.51, abs=0.02)
+    assert matched.mean_max_cos == pytest.approx(actual.mean_max_cos, abs=0.015)
+    assert matched.hungarian_mean_cos == pytest.approx(actual.hungarian_mean_cos, abs=0.015)
+    assert matched.frac_above_0_5 == pytest.approx(actual.frac_above_0_5, abs=0.06)
+    assert isotropic.mean_max_cos == pytest.approx(0.37, abs=0.02)  # a lower bound, not chance
+    assert matched.mean_max_cos_std < 0.01
+    json.dumps(matched.to_dict())
+
+
+def test_matched_chance_rotates_b_and_stays_far_below_a_rotated_copy(span_dictionaries):
+    dec_a, _ = span_dictionaries
+    q = haar_orthogonal(D, "O", seed=22)  # B's frame into A's frame
+    dec_b = dec_a @ q.T  # the same features in B's frame: B's span is not A's
+    matched_raw = matched_chance(dec_a, dec_b, n_trials=2, seed=1, hungarian=False)
+    matched_rot = matched_chance(dec_a, dec_b, rotation=q, n_trials=2, seed=1)
+    assert matched_rot.rotated and not matched_raw.rotated
+    assert matched_rot.mean_max_cos == pytest.approx(0.51, abs=0.02)  # spans coincide again
+    assert matched_raw.mean_max_cos < matched_rot.mean_max_cos - 0.05
+    rotated = decoder_universality(dec_a, dec_b, rotation=q)
+    assert rotated.mean_max_cos == pytest.approx(1.0, abs=1e-9)
+    assert rotated.hungarian_mean_cos > matched_rot.hungarian_mean_cos + 0.4
+
+
+def test_matched_chance_keeps_dead_rows_and_rejects_bad_input():
+    g = torch.Generator().manual_seed(23)
+    dec = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    dec[:10] = 0.0  # dead features
+    u = decoder_universality(dec, dec)
+    assert u.mean_max_cos == pytest.approx(0.75)  # dead rows score 0
+    matched = matched_chance(dec, dec, n_trials=2, hungarian=False)
+    assert matched.mean_max_cos <= 0.75 + 1e-9  # dead rows stay dead in the random copy
+    with pytest.raises(ValueError, match="no non-zero row"):
+        matched_chance(torch.zeros(3, 8), dec)
+    with pytest.raises(ValueError, match="different spaces"):
+        matched_chance(dec, torch.ones(3, 9))
+    with pytest.raises(ValueError, match="n_trials"):
+        matched_chance(dec, dec, n_trials=0)

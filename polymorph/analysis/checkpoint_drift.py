@@ -185,8 +185,12 @@ class CheckpointDrift(AnalysisCallback):
             "for the first)",
             "frob_dist": "||R - I||_F (0: same frame; about sqrt(2d) for a Haar-random R)",
             "frob_ratio": "||R - I||_F / sqrt(2d)",
-            "trace_z": f"(tr R - Haar null mean) / null std, null of {n_null} draws of the same "
-            "d and group",
+            "trace_z": "(tr R - E[tr]) / sqrt(Var[tr]) with the exact Haar moments of the same d "
+            "and group (mean 0, variance 1 for d >= 3)",
+            "trace_on_span / trace_z_on_span / trace_p_on_span": "tr(B^T R B) with B the "
+            "activations' span (r directions), its z against the exact Haar moments (mean 0, "
+            f"variance r/d) and its two-sided Monte-Carlo p-value ({n_null} draws): the trace "
+            "test restricted to where R is determined",
             "fixed_dim_estimate": "near-fixed directions of R in excess of a Haar draw",
             "span_rank": "r = rank of the fit's cross-covariance (Rotation.effective_rank); below "
             "d, R is not determined outside the span of the activations and ||R - I||_F counts "

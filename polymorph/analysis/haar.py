@@ -56,7 +56,8 @@ class HaarDiagnosticsCallback(AnalysisCallback):
             "definitions": {
                 "frob_dist": "||R - I||_F; for Haar R about sqrt(2d)",
                 "frob_ratio": "||R - I||_F / sqrt(2d)",
-                "trace_z": "(tr R - mean of the Haar null's traces) / their std; null of the same d and group",
+                "trace_z": "(tr R - E[tr]) / sqrt(Var[tr]) with the exact Haar moments of the same d "
+                "and group (Diaconis & Shahshahani: mean 0, variance 1 for d >= 3)",
                 "trace_p": "two-sided Monte-Carlo p-value of tr R under the Haar null",
                 "ks_p": "two-sample KS p-value of R's eigen-angles |arg(lambda)| against pooled Haar "
                 "angles (the published test; insensitive to a few preserved dimensions)",

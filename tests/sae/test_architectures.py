@@ -39,9 +39,9 @@ QUICK = {
                  "l0_coefficient": 0.1},
 }
 # One denser setting of each architecture's knob, compared against its QUICK setting (measured
-# on the planted data: batchtopk k 12 -> L0 ~12 vs k 4 -> ~4.5; jumprelu l0 1e-3 -> ~52 vs
-# 0.1 -> ~17; in 300 Adam steps of lr 2e-3 a threshold moves at most ~0.6, so larger l0
-# coefficients sparsify little further).
+# on the planted data: batchtopk k 12 -> L0 16.2 vs k 4 -> 7.1, matryoshka 14.5 vs 6.9;
+# jumprelu l0 1e-3 -> 51.7 vs 0.1 -> 17.1; in 300 Adam steps of lr 2e-3 a threshold moves at
+# most ~0.6, so larger l0 coefficients sparsify little further).
 DENSER = {
     "batchtopk": ("k", 12),
     "matryoshka_batchtopk": ("k", 12),
@@ -182,8 +182,11 @@ def test_trains_to_a_jumprelu_inference_sae(arch, trained, planted):
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
     metrics = evaluate_sae(sae, planted)
     assert metrics["ev_standard"] > 0.8, metrics["ev_standard"]
-    if arch != "jumprelu":  # batch-level k: about k on average at inference, not exactly
-        assert 0.5 * cfg.k < metrics["l0"] < 2 * cfg.k
+    if arch != "jumprelu":
+        # Batch-level k becomes one inference threshold: sae-lens' exponential moving average
+        # (rate 0.01, from 0) of the smallest kept activation, still ~13% low after 200 steps,
+        # so L0 exceeds k here (7.1 for k 4); at 1000 steps it is ~k (31.4 for k 32).
+        assert 0.5 * cfg.k < metrics["l0"] < 2.5 * cfg.k
 
 
 @pytest.mark.parametrize("arch", list(QUICK))

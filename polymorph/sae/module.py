@@ -22,7 +22,9 @@ The other architectures, and what ``save_inference_model`` turns each into (sae-
   minibatch, and tracks ``topk_threshold``, an exponential moving average (rate 0.01) of the
   smallest kept activation. It is saved as a **JumpReLU** SAE whose per-feature threshold is
   that scalar: at inference every row is thresholded on its own, so L0 is ~k on average,
-  not exactly k, and depends on the data.
+  not exactly k, and depends on the data. The average starts at 0, so after few steps the
+  threshold is low and L0 above k (measured: 7.1 for k 4 after 200 steps; 31.4 for k 32
+  after 1000).
 * ``matryoshka_batchtopk`` (``MatryoshkaBatchTopKTrainingSAE``) is batchtopk plus one extra
   reconstruction loss per nested prefix of the dictionary (``inner_mse_loss_<width>``); also
   saved as a **JumpReLU** SAE, with the prefix order kept in the feature order.

@@ -14,6 +14,27 @@ by c leaves reconstruction and penalty unchanged (ReLU is positively homogeneous
 objective equals the METHOD.md one (unit-norm decoder, plain L1 on f) written in another
 parametrisation. :func:`polymorph.sae.train.train_sae` folds the norms at the end with
 sae-lens' ``fold_W_dec_norm`` so every returned SAE has unit-norm decoder rows.
+
+The other architectures, and what ``save_inference_model`` turns each into (sae-lens 6.54):
+
+* ``batchtopk`` (``BatchTopKTrainingSAE``, a TopK subclass with the same decoder-norm
+  rescaling and auxiliary loss) keeps the top ``k * batch`` pre-activations of the whole
+  minibatch, and tracks ``topk_threshold``, an exponential moving average (rate 0.01) of the
+  smallest kept activation. It is saved as a **JumpReLU** SAE whose per-feature threshold is
+  that scalar: at inference every row is thresholded on its own, so L0 is ~k on average,
+  not exactly k, and depends on the data. The average starts at 0, so after few steps the
+  threshold is low and L0 above k (measured: 7.1 for k 4 after 200 steps; 31.4 for k 32
+  after 1000).
+* ``matryoshka_batchtopk`` (``MatryoshkaBatchTopKTrainingSAE``) is batchtopk plus one extra
+  reconstruction loss per nested prefix of the dictionary (``inner_mse_loss_<width>``); also
+  saved as a **JumpReLU** SAE, with the prefix order kept in the feature order.
+* ``jumprelu`` (``JumpReLUTrainingSAE``): learnable per-feature thresholds with DeepMind's
+  "step" L0 penalty and a straight-through estimator of the given bandwidth (to the thresholds
+  only); saved as a **JumpReLU** SAE. Its decoder is unconstrained; folding the decoder norms
+  on load also rescales the thresholds (sae-lens' ``JumpReLUSAE.fold_W_dec_norm``).
+
+All three therefore load as ``sae_lens.JumpReLUSAE`` (``cfg.architecture() == "jumprelu"``),
+which ``polymorph.align.transfer.transfer_sae`` already supports.
 """
 
 from __future__ import annotations
@@ -22,6 +43,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+from sae_lens.saes.matryoshka_batchtopk_sae import (
+    MatryoshkaBatchTopKTrainingSAE,
+    MatryoshkaBatchTopKTrainingSAEConfig,
+)
 from sae_lens.saes.sae import (
     SAEMetadata,
     TrainCoefficientConfig,
@@ -65,19 +92,38 @@ def build_training_sae(
     metadata = SAEMetadata(
         model_name=model_name, hook_name=hook_name, hook_head_index=None, **(extra_metadata or {})
     )
-    if cfg.architecture == "relu_l1":
-        sae_cfg: Any = StandardTrainingSAEConfig(
-            d_in=d_in, d_sae=d_sae, l1_coefficient=cfg.l1_coefficient, metadata=metadata
+    if cfg.k is not None and cfg.k > d_sae:
+        raise ValueError(
+            f"SAE config k={cfg.k} exceeds the dictionary size d_sae={d_sae} "
+            f"(expansion {cfg.expansion} x d_in {d_in}); lower k or raise expansion"
         )
-        sae_cls: type[TrainingSAE] = StandardTrainingSAE
-    else:
-        if cfg.k > d_sae:
-            raise ValueError(
-                f"SAE config k={cfg.k} exceeds the dictionary size d_sae={d_sae} "
-                f"(expansion {cfg.expansion} x d_in {d_in}); lower k or raise expansion"
-            )
-        sae_cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=cfg.k, metadata=metadata)
+    common = {"d_in": d_in, "d_sae": d_sae, "metadata": metadata}
+    sae_cls: type[TrainingSAE]
+    if cfg.architecture == "relu_l1":
+        sae_cfg: Any = StandardTrainingSAEConfig(l1_coefficient=cfg.l1_coefficient, **common)
+        sae_cls = StandardTrainingSAE
+    elif cfg.architecture == "topk":
+        sae_cfg = TopKTrainingSAEConfig(k=cfg.k, **common)
         sae_cls = TopKTrainingSAE
+    elif cfg.architecture == "batchtopk":
+        sae_cfg = BatchTopKTrainingSAEConfig(k=cfg.k, **common)
+        sae_cls = BatchTopKTrainingSAE
+    elif cfg.architecture == "matryoshka_batchtopk":
+        # The last width is d_sae by validation, so sae-lens never appends a level (and warns).
+        sae_cfg = MatryoshkaBatchTopKTrainingSAEConfig(
+            k=cfg.k, matryoshka_widths=cfg.matryoshka_widths(d_in), **common
+        )
+        sae_cls = MatryoshkaBatchTopKTrainingSAE
+    elif cfg.architecture == "jumprelu":
+        sae_cfg = JumpReLUTrainingSAEConfig(
+            l0_coefficient=cfg.l0_coefficient,
+            jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+            jumprelu_init_threshold=cfg.jumprelu_init_threshold,
+            **common,
+        )
+        sae_cls = JumpReLUTrainingSAE
+    else:  # pragma: no cover - SAETrainConfig validates the architecture
+        raise ValueError(f"no sae-lens training class for architecture {cfg.architecture!r}")
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(init_seed)
         return sae_cls(sae_cfg)

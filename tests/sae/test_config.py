@@ -148,3 +148,27 @@ def test_distinct_configs_never_share_an_id():
     assert len(set(configs)) == len(configs)
     assert len(set(ids)) == len(ids)
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", i) for i in ids)
+
+
+# Folder names of SAEs already on disk (outputs/<experiment>/.../saes/<site>/<config id>/) are
+# these ids: adding architectures or keys must never rename them. Values computed on the
+# configs of commit ebcd546, before any new architecture existed.
+PINNED_IDS = [
+    ("relu_l1.yaml", {}, "relu_l1-x8-l1_0.001-init_shared-s1000-af9919"),
+    ("topk.yaml", {}, "topk-x8-k32-init_shared-s1000-c96ebe"),
+    ("relu_l1.yaml", {"init_seed": "per_model"}, "relu_l1-x8-l1_0.001-init_per_model-s1000-11c798"),
+    ("relu_l1.yaml", {"expansion": 32, "l1_coefficient": 1e-5},
+     "relu_l1-x32-l1_1e-05-init_shared-s1000-cdf26e"),
+    # two rungs of conf/sae_ladder/sparsity.yaml merged over relu_l1.yaml, as sae_stage does
+    ("relu_l1.yaml", {"l1_coefficient": 10.0}, "relu_l1-x8-l1_10-init_shared-s1000-d04e40"),
+    ("relu_l1.yaml", {"architecture": "topk", "l1_coefficient": None, "k": 4},
+     "topk-x8-k4-init_shared-s1000-7e4ec0"),
+]
+
+
+@pytest.mark.parametrize(("preset", "overrides", "expected"), PINNED_IDS)
+def test_existing_config_ids_are_pinned(preset, overrides, expected):
+    base = OmegaConf.to_container(OmegaConf.load(CONF / preset))
+    cfg = SAETrainConfig.from_dict({**base, **overrides})
+    assert config_id(cfg) == expected
+    assert config_id(SAETrainConfig.from_dict(cfg.to_dict())) == expected

@@ -8,11 +8,14 @@
 * :mod:`~polymorph.align.drift` (one fitted rotation summarised, e.g. a checkpoint to the final);
 * :mod:`~polymorph.align.statistics` (sequence and pair bootstrap intervals from per-sequence sums);
 * :mod:`~polymorph.align.universality` (decoder max-cosine, Hungarian matching, matched chance);
+* :mod:`~polymorph.align.consensus` (generalised Procrustes: one frame for many seeds);
+* :mod:`~polymorph.align.outputs` (per-row agreement, KL and cross-entropy of two output sets);
 * :mod:`~polymorph.align.transfer` (move an SAE or a steering vector between frames).
 
 ``transfer`` imports sae-lens, so its names are loaded lazily.
 """
 
+from polymorph.align.consensus import Consensus, ScaledRotation, fit_consensus
 from polymorph.align.drift import frob_dist_on_span, rotation_summary
 from polymorph.align.fixed import (
     FitBootstrap,
@@ -75,6 +78,7 @@ _LAZY = {"transfer_sae", "transfer_vector"}
 __all__ = [
     "EV_DEFINITIONS",
     "ChanceLevel",
+    "Consensus",
     "EVSums",
     "FitBootstrap",
     "HaarDiagnostics",
@@ -83,6 +87,7 @@ __all__ = [
     "Interval",
     "NearFixedSubspace",
     "Rotation",
+    "ScaledRotation",
     "SpanDiagnostics",
     "Universality",
     "activation_span",
@@ -103,6 +108,7 @@ __all__ = [
     "ev_standard",
     "exact_trace_moments",
     "explained_variance",
+    "fit_consensus",
     "fit_rotation",
     "fit_rotation_shuffled",
     "frob_dist_on_span",

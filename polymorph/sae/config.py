@@ -25,7 +25,14 @@ INIT_SEED_MODES = ("shared", "per_model")
 CORE_KEYS = ("architecture", "expansion", "l1_coefficient", "k", "lr", "batch_size", "steps",
              "init_seed", "shared_init_seed", "data_seed")
 OPTIONAL_KEYS = ("l0_coefficient", "jumprelu_bandwidth", "jumprelu_init_threshold",
-                 "matryoshka_expansions")
+                 "matryoshka_expansions", "mse_normalisation")
+# How the reconstruction error the sparsity coefficient is weighed against is normalised:
+# "mean" (the published loss: mean((x_hat - x)^2) over the batch AND the d_in dimensions), or
+# unset/null: sae-lens' own loss (squared error summed over d_in, mean over the batch). The
+# published coefficient therefore reaches sae-lens multiplied by d_in.
+MSE_NORMALISATIONS = ("mean",)
+# Architectures whose loss weighs a coefficient against the reconstruction error.
+COEFFICIENT_ARCHITECTURES = ("relu_l1", "jumprelu")
 # Which architectures use (and require) each sparsity key; every other architecture must leave
 # it null, so a value that would be silently ignored is an error instead.
 USED_BY: dict[str, tuple[str, ...]] = {
@@ -66,7 +73,12 @@ class SAETrainConfig:
       of the expected L0), ``jumprelu_bandwidth`` (width of the straight-through window that
       gives the thresholds a gradient) and ``jumprelu_init_threshold``.
 
-    The last four keys (see ``OPTIONAL_KEYS``) may be omitted; ``to_dict`` omits them when unset.
+    ``mse_normalisation`` (relu_l1 and jumprelu only): ``mean`` states the coefficient in the
+    published normalisation (squared error averaged over d_in), which polymorph converts for
+    sae-lens by multiplying it by d_in (:meth:`sae_lens_coefficient`); null means the
+    coefficient is already in sae-lens' own (squared error summed over d_in).
+
+    The keys of ``OPTIONAL_KEYS`` may be omitted; ``to_dict`` omits them when unset.
     """
 
     architecture: str
@@ -83,6 +95,7 @@ class SAETrainConfig:
     jumprelu_bandwidth: float | None = None
     jumprelu_init_threshold: float | None = None
     matryoshka_expansions: tuple[int, ...] | None = None
+    mse_normalisation: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.matryoshka_expansions, list):  # from YAML/JSON; frozen => hashable
@@ -134,6 +147,13 @@ class SAETrainConfig:
         if "matryoshka_expansions" in out:
             out["matryoshka_expansions"] = list(out["matryoshka_expansions"])
         return out
+
+    def sae_lens_coefficient(self, d_in: int) -> float | None:
+        """The sparsity coefficient (L1, or L0 for jumprelu) in sae-lens' normalisation."""
+        value = self.l1_coefficient if self.architecture == "relu_l1" else self.l0_coefficient
+        if value is None:
+            return None
+        return value * d_in if self.mse_normalisation == "mean" else value
 
     def d_sae(self, d_in: int) -> int:
         """Dictionary size for activations of width ``d_in``: ``expansion * d_in``."""
@@ -215,12 +235,13 @@ def _check_positive_float(name: str, value: Any) -> None:
 
 
 def _sparsity_label(cfg: SAETrainConfig) -> str:
+    unit = "mean" if cfg.mse_normalisation == "mean" else ""
     if cfg.architecture == "relu_l1":
-        return f"l1_{cfg.l1_coefficient:g}"
+        return f"l1{unit}_{cfg.l1_coefficient:g}"
     if cfg.architecture == "topk":
         return f"k{cfg.k}"
     if cfg.architecture == "jumprelu":
-        return f"l0_{cfg.l0_coefficient:g}"
+        return f"l0{unit}_{cfg.l0_coefficient:g}"
     label = f"k{cfg.k:g}"
     if cfg.architecture == "matryoshka_batchtopk":
         label += "-m" + "_".join(str(m) for m in cfg.matryoshka_expansions)
@@ -284,6 +305,17 @@ def _validate(cfg: SAETrainConfig) -> None:
         )
     _check_int("expansion", cfg.expansion, minimum=1)
     _check_sparsity_keys(cfg)
+    if cfg.mse_normalisation is not None:
+        if cfg.mse_normalisation not in MSE_NORMALISATIONS:
+            raise ValueError(
+                f"SAE config mse_normalisation must be mean (the published loss: squared error "
+                f"averaged over d_in) or null (sae-lens' sum over d_in), got "
+                f"{cfg.mse_normalisation!r}")
+        if cfg.architecture not in COEFFICIENT_ARCHITECTURES:
+            raise ValueError(
+                f"SAE config mse_normalisation only matters for {' / '.join(COEFFICIENT_ARCHITECTURES)} "
+                f"(a coefficient weighed against the reconstruction error); set "
+                f"mse_normalisation: null for {cfg.architecture}")
     _check_positive_float("lr", cfg.lr)
     _check_int("batch_size", cfg.batch_size, minimum=1)
     _check_int("steps", cfg.steps, minimum=1)

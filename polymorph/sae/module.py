@@ -100,7 +100,8 @@ def build_training_sae(
     common = {"d_in": d_in, "d_sae": d_sae, "metadata": metadata}
     sae_cls: type[TrainingSAE]
     if cfg.architecture == "relu_l1":
-        sae_cfg: Any = StandardTrainingSAEConfig(l1_coefficient=cfg.l1_coefficient, **common)
+        sae_cfg: Any = StandardTrainingSAEConfig(l1_coefficient=cfg.sae_lens_coefficient(d_in),
+                                                    **common)
         sae_cls = StandardTrainingSAE
     elif cfg.architecture == "topk":
         sae_cfg = TopKTrainingSAEConfig(k=cfg.k, **common)
@@ -116,7 +117,7 @@ def build_training_sae(
         sae_cls = MatryoshkaBatchTopKTrainingSAE
     elif cfg.architecture == "jumprelu":
         sae_cfg = JumpReLUTrainingSAEConfig(
-            l0_coefficient=cfg.l0_coefficient,
+            l0_coefficient=cfg.sae_lens_coefficient(d_in),
             jumprelu_bandwidth=cfg.jumprelu_bandwidth,
             jumprelu_init_threshold=cfg.jumprelu_init_threshold,
             **common,

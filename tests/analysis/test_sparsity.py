@@ -20,7 +20,8 @@ from tests.helpers.planted import plant_rotated_seed
 
 SITES = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post")
 # a dense rung (the smoke SAE itself) and a clearly sparse one (TopK, k=2)
-TEST_LADDER = "sae_ladder.rungs=[{l1_coefficient:0.001},{architecture:topk,k:2,l1_coefficient:null}]"
+TEST_LADDER = ("sae_ladder.rungs=[{l1_coefficient:0.001},"
+               "{architecture:topk,k:2,l1_coefficient:null,mse_normalisation:null}]")
 METRICS = [f"{k}_{d}" for k in ("self", "naive", "rotated", "floor")
            for d in ("ev_standard", "ev_published")] + [
     "l0", "dead_fraction", "firing_overlap_raw", "firing_overlap_rotated",
@@ -67,7 +68,8 @@ def test_ladder_trains_every_rung_side_by_side(ladder_runs):
 
 def test_invalid_rung_names_the_rung(ladder_runs):
     root, _ = ladder_runs
-    bad = "sae_ladder.rungs=[{l1_coefficient:0.01},{architecture:topk,l1_coefficient:null}]"
+    bad = ("sae_ladder.rungs=[{l1_coefficient:0.01},"
+           "{architecture:topk,l1_coefficient:null,mse_normalisation:null}]")
     cfg = compose(smoke_overrides(root, "name=ladder", "stage=sae", "sae_ladder=sparsity", bad))
     with pytest.raises(PolymorphError, match=r"sae_ladder rung 1 .*k must be set"):
         train(cfg)

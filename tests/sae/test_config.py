@@ -152,7 +152,8 @@ def test_distinct_configs_never_share_an_id():
 
 # Folder names of SAEs already on disk (outputs/<experiment>/.../saes/<site>/<config id>/) are
 # these ids: adding architectures or keys must never rename them. Values computed on the
-# configs of commit ebcd546, before any new architecture existed.
+# configs of commit ebcd546, before any new architecture existed, whose SAEs were all trained
+# with sae-lens' loss: that is mse_normalisation null (the default is now the published loss).
 PINNED_IDS = [
     ("relu_l1.yaml", {}, "relu_l1-x8-l1_0.001-init_shared-s1000-af9919"),
     ("topk.yaml", {}, "topk-x8-k32-init_shared-s1000-c96ebe"),
@@ -169,6 +170,33 @@ PINNED_IDS = [
 @pytest.mark.parametrize(("preset", "overrides", "expected"), PINNED_IDS)
 def test_existing_config_ids_are_pinned(preset, overrides, expected):
     base = OmegaConf.to_container(OmegaConf.load(CONF / preset))
-    cfg = SAETrainConfig.from_dict({**base, **overrides})
+    cfg = SAETrainConfig.from_dict({**base, "mse_normalisation": None, **overrides})
     assert config_id(cfg) == expected
     assert config_id(SAETrainConfig.from_dict(cfg.to_dict())) == expected
+
+
+def test_the_published_coefficient_reaches_sae_lens_times_d_in():
+    from polymorph.sae import SAETrainConfig, config_id
+    from tests.helpers.config import compose
+
+    default = SAETrainConfig.from_dict(compose([]).sae)
+    assert default.mse_normalisation == "mean" and default.l1_coefficient == 1e-3
+    assert default.sae_lens_coefficient(64) == pytest.approx(0.064)
+    legacy = SAETrainConfig.from_dict({**default.to_dict(), "mse_normalisation": None})
+    assert legacy.sae_lens_coefficient(64) == pytest.approx(1e-3)
+    # a different loss is a different SAE: its folder name says which normalisation it used
+    assert config_id(default) != config_id(legacy) and "-l1mean_0.001-" in config_id(default)
+    with pytest.raises(ValueError, match="mse_normalisation only matters"):
+        SAETrainConfig.from_dict({**default.to_dict(), "architecture": "topk",
+                                  "l1_coefficient": None, "k": 4})
+    with pytest.raises(ValueError, match="mean .* or null"):
+        SAETrainConfig.from_dict({**default.to_dict(), "mse_normalisation": "sum"})
+
+
+def test_the_built_sae_lens_model_gets_the_converted_coefficient():
+    from polymorph.sae import SAETrainConfig, build_training_sae
+    from tests.helpers.config import compose
+
+    cfg = SAETrainConfig.from_dict(compose([]).sae)
+    sae = build_training_sae(cfg, 64, init_seed=0, hook_name="h", model_name="m")
+    assert sae.cfg.l1_coefficient == pytest.approx(0.064)

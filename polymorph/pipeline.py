@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from polymorph.errors import PolymorphError
 from polymorph.families import ModelFamily, build_family
 from polymorph.instantiation import build
-from polymorph.runs import run_layout
+from polymorph.runs import is_secondary_process, run_layout
 from polymorph.sae.stage import ladder_configs, train_saes_for_run
 from polymorph.tracking import build_logger, closing_wandb
 
@@ -84,6 +84,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         objects["logger"] = logger
         if cfg.stage in ("all", "transformer"):
             metrics.update(family.obtain(cfg, layout, logger))
+        if is_secondary_process():  # a DDP worker: the main process does everything else
+            return metrics, objects
         if cfg.stage in ("all", "sae"):
             if not layout.is_finished():
                 raise PolymorphError(

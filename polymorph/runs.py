@@ -16,6 +16,17 @@ from polymorph.errors import PolymorphError
 from polymorph.layout import RunLayout, find_seed_runs
 
 
+def is_secondary_process() -> bool:
+    """True in a data-parallel worker that a job's main process launched (Lightning's DDP
+    re-runs the entry point for every rank but 0, with ``LOCAL_RANK`` / ``NODE_RANK`` set).
+
+    The main process owns the run folder (its lock, its records, the SAE stage); a secondary
+    process only joins the training."""
+    import os
+
+    return any(int(os.environ.get(var, "0") or 0) > 0 for var in ("LOCAL_RANK", "NODE_RANK"))
+
+
 def output_root(cfg: DictConfig) -> Path:
     """``paths.root`` as an absolute path (relative paths are taken from the launch folder)."""
     root = Path(str(cfg.paths.root))

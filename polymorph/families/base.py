@@ -39,7 +39,7 @@ from omegaconf import DictConfig
 from polymorph.files import read_json
 from polymorph.layout import RunLayout
 from polymorph.locks import file_lock
-from polymorph.runs import check_matches_saved, discard_run
+from polymorph.runs import check_matches_saved, discard_run, is_secondary_process
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,10 @@ class ModelFamily(ABC):
         """Make ``cfg.seed``'s model exist as a finished run in ``layout`` and return its final
         metrics: reuse a finished run of the same identity, refuse one of another identity,
         start over with ``retrain=true``, else :meth:`create` it. Runs under the run's lock, so
-        two jobs never build one run at once."""
+        two jobs never build one run at once; a data-parallel worker of the job that holds the
+        lock only joins its training."""
+        if is_secondary_process():
+            return self.create(cfg, layout, logger)
         with file_lock(layout.lock):
             if cfg.get("retrain"):
                 discard_run(layout)

@@ -1,9 +1,9 @@
 """Lightning DataModule for Dyck-3: a fresh batch every step, fixed evaluation sets.
 
-Training batches are a pure function of (seed, step): batch ``s`` is drawn from
-a generator seeded with ``(seed, s)``. A run resumed from a checkpoint at step
+Training batches are a pure function of (seed, step, rank): batch ``s`` is drawn from
+a generator seeded with ``(seed, s, rank)``. A run resumed from a checkpoint at step
 ``s`` therefore sees exactly the batches an uninterrupted run would have seen,
-and no data-loader state needs saving.
+and no data-loader state needs saving; under DDP every rank draws its own batches.
 """
 
 from __future__ import annotations
@@ -23,9 +23,14 @@ EVAL_SPLITS = ("train", "compositional", "long")
 EVAL_SEED_OFFSET = 1_000_000
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    # Mix seed and step so that neighbouring seeds never share a batch.
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The generator of training batch ``step`` of model ``seed`` on data-parallel ``rank``.
+
+    Seed and step are mixed so that neighbouring seeds never share a batch; under DDP every rank
+    draws its own batch (rank 0 draws exactly the single-device batch, so a one-device run is
+    the same run whatever the strategy)."""
+    mixed = seed * 1_000_003 + step + rank * 7_919_000_009_209
+    return torch.Generator().manual_seed(mixed % (2**63 - 1))
 
 
 class _TrainingStream(IterableDataset):
@@ -76,10 +81,14 @@ class DyckDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return int(trainer.global_step) if trainer is not None else 0
 
+    def current_rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_rank) if trainer is not None else 0
+
     def training_batch(self, step: int) -> DyckBatch:
         tokens = generate_training_tokens(
             self.batch_size,
-            step_generator(self.seed, step),
+            step_generator(self.seed, step, self.current_rank()),
             min_len=self.min_len,
             max_len=self.max_len,
             p_valid=self.p_valid,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from polymorph.checkpoints import save_weights
-from polymorph.files import atomic_path, atomic_write_json, read_json
+from polymorph.files import atomic_write_json, read_json
 from polymorph.layout import RunLayout
 from polymorph.training.transformer_module import MIN_ACC
 
@@ -51,8 +53,18 @@ class RunCheckpoints(Callback):
         self.best_step: int | None = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking:
             return
+        if trainer.is_global_zero:  # one writer of the run folder, whatever the strategy
+            self._keep(trainer, pl_module)
+        # Lightning's checkpoint save is collective (every rank must call it; rank 0 writes),
+        # so all ranks save to one fixed temporary name that rank 0 then renames into place.
+        tmp = self.layout.resume_state.with_name(".last.ckpt.tmp")
+        trainer.save_checkpoint(tmp, weights_only=False)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.layout.resume_state)
+
+    def _keep(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
         metrics = dict(pl_module.last_val_metrics)
         if trainer.optimizers:  # the learning rate the weights were taken at
@@ -70,8 +82,6 @@ class RunCheckpoints(Callback):
         index = read_json(index_path) if index_path.is_file() else {}
         index[str(step)] = metrics
         atomic_write_json(index_path, index)
-        with atomic_path(self.layout.resume_state) as tmp:
-            trainer.save_checkpoint(tmp, weights_only=False)
 
     def state_dict(self) -> dict:
         return {"best_score": self.best_score, "best_step": self.best_step}

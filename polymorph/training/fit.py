@@ -21,6 +21,7 @@ from polymorph.errors import PolymorphError
 from polymorph.files import atomic_write_json, atomic_write_text
 from polymorph.layout import RunLayout
 from polymorph.models.dyck import count_trainable_parameters, freeze_io_parameters
+from polymorph.runs import is_secondary_process
 from polymorph.tracking import log_config
 from polymorph.training.callbacks import RunCheckpoints, StopAfterConvergence
 from polymorph.training.transformer_module import MIN_ACC
@@ -68,7 +69,8 @@ def fit_transformer(cfg: DictConfig, layout: RunLayout, logger, model,
     trainer = instantiate(cfg.trainer, callbacks=[*callbacks.values(), checkpoints],
                           logger=logger, default_root_dir=str(layout.logs))
     resume = layout.resume_state if layout.resume_state.is_file() else None
-    if resume is None:
+    main = not is_secondary_process()  # a DDP worker trains but writes no record
+    if resume is None and main:
         atomic_write_text(layout.config, OmegaConf.to_yaml(cfg, resolve=True))
     info = {
         "seed": int(cfg.seed),
@@ -81,13 +83,16 @@ def fit_transformer(cfg: DictConfig, layout: RunLayout, logger, model,
         "status": "training",
         "resumed_from_step": None if resume is None else _check_resume_state(resume),
     }
-    atomic_write_json(layout.run_info, info)
+    if main:
+        atomic_write_json(layout.run_info, info)
     log_config(logger, cfg, {"trainable_parameters": n_trainable})
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     seconds = time.perf_counter() - start
     if trainer.interrupted:
         raise PolymorphError(f"training of {layout.root} was interrupted; rerun to resume")
+    if not main:
+        return {}
     if not layout.best.is_file():
         raise PolymorphError(
             f"{layout.root}: training ended before the first validation (max_steps="

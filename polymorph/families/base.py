@@ -116,6 +116,21 @@ class Checkpoint:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@torch.no_grad()
+def logits_at_kept(model, tokens: torch.Tensor, mask: torch.Tensor,
+                   fwd_hooks: Sequence = ()) -> torch.Tensor:
+    """The model's output logits at the ``mask``-ed positions, float32 [n_kept_rows, vocab]
+    (rows in activation-row order), with TransformerLens ``fwd_hooks`` active.
+
+    The model is causal, so positions after the last kept one never change the kept ones: the
+    chunk is cut there."""
+    device = next(model.parameters()).device
+    width = int(mask.cumsum(1).argmax(1).max()) + 1
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+        out = model(tokens[:, :width].to(device))
+    return out[mask[:, :width].to(device)].float()
+
+
 class Readout(ABC):
     """How a family's outputs are read: named heads of class logits at the kept positions.
 

@@ -24,7 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from polymorph.checkpoints import CheckpointError, load_weights, read_weights
 from polymorph.errors import PolymorphError
-from polymorph.families.base import Checkpoint, ModelFamily, Readout, TokenBatch
+from polymorph.families.base import (
+    Checkpoint,
+    ModelFamily,
+    Readout,
+    TokenBatch,
+    logits_at_kept,
+)
 from polymorph.files import CorruptFileError, read_json
 from polymorph.instantiation import build
 from polymorph.layout import RunLayout
@@ -48,16 +54,9 @@ class DyckHeads(Readout):
     loss_definition = ("cross-entropy of the head's softmax against the position's label, "
                        "averaged over non-PAD positions (BOS and EOS included)")
 
-    @torch.no_grad()
     def logits(self, model, tokens: torch.Tensor, mask: torch.Tensor,
                fwd_hooks: Sequence = ()) -> dict[str, torch.Tensor]:
-        device = next(model.parameters()).device
-        # causal model, trailing PAD: positions after the last kept one change nothing
-        width = int(mask.cumsum(1).argmax(1).max()) + 1
-        with model.hooks(fwd_hooks=list(fwd_hooks)):
-            out = model(tokens[:, :width].to(device))
-        keep = mask[:, :width].to(device)
-        return {head: x[keep].float() for head, x in split_logits(out).items()}
+        return split_logits(logits_at_kept(model, tokens, mask, fwd_hooks))
 
     def targets(self, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         batch = label_tokens(tokens)

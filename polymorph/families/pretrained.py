@@ -30,7 +30,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from polymorph.errors import PolymorphError
-from polymorph.families.base import NO_TARGET, Checkpoint, ModelFamily, Readout, TokenBatch
+from polymorph.families.base import (
+    NO_TARGET,
+    Checkpoint,
+    ModelFamily,
+    Readout,
+    TokenBatch,
+    logits_at_kept,
+)
 from polymorph.files import atomic_write_json, atomic_write_text
 from polymorph.layout import RunLayout
 from polymorph.runs import read_run_config
@@ -56,15 +63,9 @@ class NextToken(Readout):
     loss_definition = ("cross-entropy -log p(x_{t+1}) of the next-token distribution, averaged "
                        "over the kept positions t whose next token lies in the window")
 
-    @torch.no_grad()
     def logits(self, model, tokens: torch.Tensor, mask: torch.Tensor,
                fwd_hooks: Sequence = ()) -> dict[str, torch.Tensor]:
-        device = next(model.parameters()).device
-        # causal model: positions after the last kept one never change the kept ones
-        width = int(mask.cumsum(1).argmax(1).max()) + 1
-        with model.hooks(fwd_hooks=list(fwd_hooks)):
-            out = model(tokens[:, :width].to(device))
-        return {"next_token": out[mask[:, :width].to(device)].float()}
+        return {"next_token": logits_at_kept(model, tokens, mask, fwd_hooks)}
 
     def targets(self, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         nxt = torch.full_like(tokens, NO_TARGET)

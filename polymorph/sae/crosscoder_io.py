@@ -22,9 +22,6 @@ complete; loading needs only torch, safetensors and sae-lens (no Lightning).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +29,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from polymorph.files import atomic_folder
 from polymorph.sae.crosscoder import Crosscoder
 from polymorph.sae.crosscoder_config import CrosscoderConfig, crosscoder_config_id
+from polymorph.versions import library_versions
 
 CROSSCODER_CFG_FILE = "crosscoder_cfg.json"
 CROSSCODER_WEIGHTS_FILE = "crosscoder_weights.safetensors"
@@ -64,7 +63,7 @@ def save_crosscoder(crosscoder: Crosscoder, folder: str | Path, *,
         raise TypeError(f"expected a polymorph Crosscoder, got {type(crosscoder).__name__}")
     folder = Path(folder)
     record = dict(metadata)
-    record.setdefault("versions", _versions())
+    record.setdefault("versions", library_versions())
     tensors = {name: getattr(crosscoder, name).detach().to("cpu", torch.float32).contiguous()
                for name in TENSOR_NAMES}
     cfg_text = _dumps({
@@ -75,22 +74,10 @@ def save_crosscoder(crosscoder: Crosscoder, folder: str | Path, *,
         "metadata": record,
     })
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_folder(folder) as tmp:
         tmp.mkdir()
         save_file(tensors, str(tmp / CROSSCODER_WEIGHTS_FILE))
         (tmp / CROSSCODER_CFG_FILE).write_text(cfg_text)
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -140,15 +127,3 @@ def _dumps(data: Any) -> str:
             "crosscoder metadata must be JSON-serialisable (convert tensors with .tolist() and "
             f"DictConfig with OmegaConf.to_container): {err}"
         ) from err
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for package in ("polymorph", "sae-lens", "torch"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = "unknown"
-    return out

@@ -36,7 +36,7 @@ def test_train_records_the_model_its_activations_and_saes(lm_runs, tiny_lm):
             assert acts.dtype == torch.float16
             assert acts.shape == (64 * 31, 32)  # 64 windows of 32 tokens, first position skipped
             saes = list((layout.saes / site).iterdir())
-            assert len(saes) == 1 and "l1_1e-05" in saes[0].name
+            assert len(saes) == 1 and "l1mean_1e-05" in saes[0].name
             assert load_sae(saes[0]).sae.cfg.d_in == 32
     # the identical token batch for every seed: one corpus cache file for the SAE batch
     assert len(list((root / tiny_lm["name"] / "corpus").glob("*offset0-n64.safetensors"))) == 1

@@ -286,7 +286,7 @@ def test_folders_reproduce_encode_and_decode_in_a_fresh_process(relu_cc, topk_cc
         assert record["config"] == cfg.to_dict()
         assert record["format"] == "polymorph.crosscoder.v1"
         assert record["metadata"]["seeds"] == [0, 1, 2]
-        assert set(record["metadata"]["versions"]) == {"polymorph", "sae-lens", "torch"}
+        assert {"polymorph", "sae-lens", "torch"} <= set(record["metadata"]["versions"])
         m = cfg.d_latent
         weights = load_file(folder / "crosscoder_weights.safetensors")
         assert {k: tuple(v.shape) for k, v in weights.items()} == {

@@ -57,9 +57,17 @@ class Row:
     results: dict | None = None
     numbers: list[Headline] = field(default_factory=list)
 
+    #: keys every compared ablation has alike (set by :func:`collect`), left out of its name
+    common: dict[str, str] = field(default_factory=dict)
+
     @property
     def name(self) -> str:
-        return self.ablation.display
+        own = {k: v for k, v in self.ablation.keys.items() if self.common.get(k) != v}
+        if own:
+            return ",".join(f"{k}={v}" if not k.startswith("~") else k
+                            for k, v in sorted(own.items()))
+        return self.ablation.display if not self.ablation.keys else \
+            f"{self.ablation.preset or self.ablation.experiment} preset"
 
 
 def check_entries(entries: list[str]) -> list[list[str]]:
@@ -104,7 +112,13 @@ def collect(cfg: DictConfig, base_overrides: list[str]) -> list[Row]:
         folder = (Path(str(job.analysis.output_dir)) if job.analysis.get("output_dir")
                   else ablation.folder(root) / ANALYSIS_DIR)
         rows[ablation.label] = Row(ablation, [str(entry)], folder, ablation.runs_dir(root))
-    return list(rows.values())
+    out = list(rows.values())
+    common = dict(out[0].ablation.keys.items())
+    for row in out[1:]:
+        common = {k: v for k, v in common.items() if row.ablation.keys.get(k) == v}
+    for row in out:
+        row.common = common
+    return out
 
 
 def _seed_text(seeds: list[int]) -> str:
@@ -165,6 +179,7 @@ def to_json(rows: list[Row], specs, base_overrides: list[str], figures: list[Pat
     return {
         "experiment": rows[0].ablation.experiment,
         "reference": rows[0].name,
+        "common_keys": rows[0].common,
         "command": " ".join(["python compare.py", *base_overrides,
                              "ablations=[" + ",".join(_quoted(r.requested[0]) for r in rows)
                              + "]"]),
@@ -256,7 +271,11 @@ def reading(rows: list[Row]) -> list[str]:
 def render(rows: list[Row], data: dict, figures: list[Path], out_dir: Path) -> str:
     lines = [f"# polymorph comparison: `{data['experiment']}`", "",
              f"- rerun: `{data['command']}`",
-             f"- reference: `{data['reference']}` (the first ablation)", ""]
+             f"- reference: `{data['reference']}` (the first ablation)"]
+    if data["common_keys"]:
+        lines.append("- every ablation also has: " + ", ".join(
+            f"`{k}={v}`" for k, v in data["common_keys"].items()))
+    lines.append("")
     lines += ["| ablation | requested as | seeds | analysis | partial |", "|---|---|---|---|---|"]
     for a in data["ablations"]:
         lines.append(f"| `{a['name']}` | {', '.join(f'`{x}`' for x in a['requested_as'])} | "

@@ -9,6 +9,8 @@ They draw only where the Trainer would have drawn one (``trainer.enable_progress
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 from tqdm.auto import tqdm
 
@@ -33,7 +35,8 @@ def _metric(trainer: L.Trainer, key: str) -> float | None:
 class SeedProgress(L.Callback):
     """One bar for a seed's training run: step / max_steps, loss, best ``val/min_acc``, ETA."""
 
-    def __init__(self, description: str = "training") -> None:
+    def __init__(self, description: str | None = None) -> None:
+        # None: "seed <N>", the seed Lightning was seeded with (seed_everything records it)
         self.description = description
         self.bar = None
         self.best: float | None = None
@@ -43,8 +46,9 @@ class SeedProgress(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.active and trainer.is_global_zero:
-            self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step,
-                            desc=self.description, unit="step", dynamic_ncols=True, leave=False)
+            seed = os.environ.get("PL_GLOBAL_SEED")
+            desc = self.description or (f"seed {seed}" if seed is not None else "training")
+            self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc=desc, unit="step", dynamic_ncols=True, leave=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.bar is None:

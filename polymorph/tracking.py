@@ -4,7 +4,8 @@ Every train and analyze run carries its ablation (:mod:`polymorph.ablations`) as
 fields (``experiment``, ``ablation``, ``ablation_run``, ``ablation/<key>``, ``job``) and as tags,
 so W&B's own grouping and filters work on them, and the report built by
 :mod:`polymorph.reports` can group runs by ablation. W&B's end-of-run summary block is switched
-off (the run keeps everything; polymorph prints one line per finished seed instead).
+off, as are its per-run banners (the run keeps everything; polymorph prints one line per
+finished seed instead).
 """
 
 from __future__ import annotations
@@ -49,10 +50,12 @@ def check_logger_config(logger_cfg: DictConfig | None) -> None:
 
 
 def wandb_settings():
-    """W&B settings of every polymorph run: no end-of-run summary block in the terminal."""
+    """W&B settings of every polymorph run: nothing in the terminal (no offline-mode banner per
+    run, no end-of-run summary block); the run itself keeps everything, and W&B's own debug log
+    is in the run's folder. polymorph prints one line per finished seed instead."""
     import wandb
 
-    return wandb.Settings(quiet=True)
+    return wandb.Settings(silent=True)
 
 
 def build_logger(logger_cfg: DictConfig | None, save_dir: Path, run_name: str, job_type: str,
@@ -71,6 +74,10 @@ def build_logger(logger_cfg: DictConfig | None, save_dir: Path, run_name: str, j
             # Keep wandb's own child processes offline as well.
             os.environ["WANDB_MODE"] = "offline"
     logger = instantiate(logger_cfg, **extra)
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        # Lightning passes anonymous=None, which W&B warns about on every run; None means unset
+        init.pop("anonymous", None)
     if ablation is not None:
         logger.log_hyperparams({**ablation.tracking_fields(), JOB_FIELD: job_type})
     return logger

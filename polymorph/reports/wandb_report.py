@@ -126,7 +126,8 @@ def save_report(report) -> str:
     """Save the report to W&B and return its URL; a clear line when not logged in."""
     import wandb
 
-    if not wandb.api.api_key:
+    # finds a key in the environment or ~/.netrc without prompting or asking the server
+    if not wandb.login(prompt=False, verify=False):
         raise PolymorphError(
             "saving a W&B report needs a W&B account: run `wandb login` (or set WANDB_API_KEY), "
             "upload the offline runs with `wandb sync <outputs>/**/offline-run-*`, then rerun; "

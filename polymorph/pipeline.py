@@ -13,34 +13,71 @@ kept unless ``retrain_saes=true``.
 from __future__ import annotations
 
 import logging
+import re
 import time
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from polymorph.ablations import Ablation
 from polymorph.errors import PolymorphError
-from polymorph.families import ModelFamily, build_family
 from polymorph.instantiation import build
 from polymorph.layout import RunLayout
 from polymorph.runs import ablation as ablation_of
 from polymorph.runs import check_matches_saved, output_root
-from polymorph.sae.stage import ladder_configs, train_saes_for_run
 from polymorph.tracking import build_logger, closing_wandb
+
+if TYPE_CHECKING:
+    from polymorph.families import ModelFamily
+
+# Lightning, TransformerLens and sae-lens take seconds to import (tens of seconds on a busy
+# machine): the checks the config alone allows run before any of them is imported, so a
+# misspelt site or stage costs the time Hydra needs to start, not an import of the stack.
 
 log = logging.getLogger(__name__)
 
 STAGES = ("all", "transformer", "sae")
 
 
-def validate_config(cfg: DictConfig, family: ModelFamily) -> Ablation:
-    """Everything the config alone can show, checked before anything is trained or loaded;
-    returns the job's ablation (which also refuses ablation keys that would mix folders)."""
+def check_job_config(cfg: DictConfig) -> None:
+    """The checks that need nothing but the config (and no heavy import): stage, seed, and
+    residual-stream sites against the model config's depth."""
     if cfg.stage not in STAGES:
         raise PolymorphError(f"stage={cfg.stage} is unknown; use one of {', '.join(STAGES)}")
     seed = cfg.seed
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise PolymorphError(f"seed={seed!r} must be a non-negative integer (sweep with -m "
                              "seed=0..8)")
+    check_residual_sites(cfg)
+    from polymorph.tracking import check_logger_config
+
+    check_logger_config(cfg.get("logger"))
+
+
+_RESIDUAL = re.compile(r"^blocks\.\d+\.hook_resid_")
+
+
+def check_residual_sites(cfg: DictConfig) -> None:
+    """Residual-stream site names (``blocks.<l>.hook_resid_<pre|mid|post>``) against the depth in
+    ``cfg.model``, without building the model; other hook names are left to the exact check."""
+    sites, model = cfg.get("sites"), cfg.get("model")
+    if not sites or model is None or model.get("n_layers") is None:
+        return
+    kinds = ("pre", "post") if model.get("parallel_attn_mlp") else ("pre", "mid", "post")
+    residual = [f"blocks.{layer}.hook_resid_{k}" for layer in range(int(model.n_layers))
+                for k in kinds]
+    unknown = [s for s in sites if _RESIDUAL.match(str(s)) and s not in residual]
+    if unknown:
+        raise PolymorphError(f"unknown site(s) {list(unknown)}; this model's residual sites are "
+                             f"{', '.join(residual)} (any TransformerLens hook name of it works)")
+
+
+def validate_config(cfg: DictConfig, family: ModelFamily) -> Ablation:
+    """Everything the config alone can show, checked before anything is trained or loaded;
+    returns the job's ablation (which also refuses ablation keys that would mix folders)."""
+    from polymorph.sae.stage import ladder_configs
+
+    check_job_config(cfg)
     family.validate(cfg)
     check_sites_config(cfg, family)
     if cfg.stage in ("all", "sae"):
@@ -50,11 +87,8 @@ def validate_config(cfg: DictConfig, family: ModelFamily) -> Ablation:
 
 
 def check_objects_config(cfg: DictConfig) -> None:
-    """The ``_target_`` nodes a job builds later, resolved now: a misspelt class, trainer key
-    or logger fails here rather than after the transformer trained."""
-    from polymorph.tracking import check_logger_config
-
-    check_logger_config(cfg.get("logger"))
+    """The ``_target_`` nodes a job builds later, resolved now: a misspelt class of the trainer,
+    data module, training module or a callback fails here rather than after training."""
     for where in ("trainer", "sae_trainer", "data", "training.module"):
         node = OmegaConf.select(cfg, where)
         if node is not None and "_target_" in node:
@@ -106,10 +140,13 @@ def job_sites(cfg: DictConfig, model) -> list[str]:
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Run one seed's job as configured; returns (metrics, objects)."""
+    start = time.perf_counter()
+    check_job_config(cfg)  # before the stack is imported: seconds, not a minute
     from polymorph.console import quiet_libraries
+    from polymorph.families import build_family
+    from polymorph.sae.stage import train_saes_for_run
 
     quiet_libraries()
-    start = time.perf_counter()
     family = build_family(cfg)
     ablation = validate_config(cfg, family)
     layout = RunLayout.in_folder(ablation.runs_dir(output_root(cfg)), int(cfg.seed))
@@ -163,6 +200,7 @@ def _stage_progress(trainer):
 def _sae_work(cfg: DictConfig, layout: RunLayout, sites: list[str]) -> tuple[int, int]:
     """(total steps, number of SAEs) the SAE stage will train (existing SAEs are kept)."""
     from polymorph.sae.config import config_id
+    from polymorph.sae.stage import ladder_configs
 
     todo = [c for c in ladder_configs(cfg) for site in sites
             if cfg.retrain_saes or not (layout.sae_dir(site, config_id(c)) / "metrics.json")

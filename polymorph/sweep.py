@@ -6,7 +6,8 @@
 * ``{seed}`` placeholders in values are quoted (Hydra reads ``{`` as a dictionary).
 * A config-group choice that does not exist (``family=nope``, ``experiment=smal``) fails with
   one line naming the available ones, instead of Hydra's multi-line block; a launcher whose
-  plugin is not installed says how to install it.
+  plugin is not installed says how to install it, and a misspelt launcher setting
+  (``hydra.launcher.partiton=gpu``) names the launcher's settings.
 * compare.py / report.py: ``ablations=[io=independent,io=shared]`` (Hydra's grammar has no
   ``=`` inside list items) becomes ``compare.ablations=['io=independent','io=shared']``.
 """
@@ -92,7 +93,7 @@ def check_choices(args: list[str], conf_dir: Path = CONF_DIR) -> None:
                 if v and v != "null" and v not in groups[key]:
                     raise SweepSyntaxError(
                         f"{key}={v} is unknown; available: {', '.join(groups[key])} "
-                        f"(conf/{key}/), or null where the group is optional")
+                        f"(conf/{key}/)")
         elif key == "hydra/launcher":
             for v in values:
                 plugin = LAUNCHER_PLUGINS.get(v)
@@ -137,6 +138,42 @@ def parse_ablation_list(text: str) -> list[str]:
     return [e for e in out if e]
 
 
+def check_launcher_settings(args: list[str]) -> None:
+    """``hydra.launcher.<key>=...`` against the chosen launcher's settings (one line for a
+    misspelt key or a setting without a launcher), before Hydra composes anything."""
+    keys = [a.split("=", 1)[0].lstrip("+~")[len("hydra.launcher."):] for a in args
+            if a.lstrip("+~").startswith("hydra.launcher.")]
+    if not keys:
+        return
+    chosen = [a.split("=", 1)[1] for a in args if a.startswith("hydra/launcher=")]
+    if not chosen:
+        raise SweepSyntaxError(
+            f"hydra.launcher.{keys[0]} is set but no launcher is chosen; add "
+            f"hydra/launcher=submitit_slurm (or submitit_local, joblib)")
+    launcher = chosen[-1]
+    plugin = LAUNCHER_PLUGINS.get(launcher)
+    if plugin is None:
+        return
+    import importlib
+
+    try:
+        importlib.import_module(plugin[0] + ".config")
+    except ImportError:
+        return  # reported by check_choices
+    from hydra.core.config_store import ConfigStore
+
+    entry = ConfigStore.instance().repo.get("hydra", {}).get("launcher", {}).get(
+        f"{launcher}.yaml")
+    if entry is None:
+        return
+    settings = [k for k in entry.node if not str(k).startswith("_")]
+    for key in keys:
+        if key.split(".")[0] not in settings:
+            raise SweepSyntaxError(
+                f"hydra.launcher.{key} is not a setting of hydra/launcher={launcher}; its "
+                f"settings: {', '.join(settings)}")
+
+
 def rewrite_ablations(argv: list[str] | None = None) -> None:
     """``ablations=[a,b c]`` -> ``compare.ablations=['a','b c']`` in ``argv`` (``sys.argv``)."""
     argv = sys.argv if argv is None else argv
@@ -165,6 +202,7 @@ def expand_argv() -> None:
     try:
         sys.argv[1:] = quote_placeholders(expand_ranges(sys.argv[1:]))
         check_choices(sys.argv[1:])
+        check_launcher_settings(sys.argv[1:])
     except SweepSyntaxError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -37,13 +37,31 @@ def test_bad_seed_ranges_fail_with_one_clear_line(tmp_path, arg, message):
     assert not (tmp_path / "default").exists()
 
 
-@pytest.mark.parametrize("group, value", [("experiment", "nope"), ("io", "half"), ("logger", "tb"),
-                                          ("family", "nope")])
-def test_unknown_config_choices_name_the_options(tmp_path, group, value):
-    proc = run("train.py", f"{group}={value}", f"paths.root={tmp_path}", check=False)
-    assert proc.returncode != 0
-    assert f"Could not find '{group}/{value}'" in proc.stderr
-    assert "Available options" in proc.stderr
+@pytest.mark.parametrize("group, value, options", [
+    ("experiment", "nope", "default, paper, polypythia, smoke"), ("io", "half", "independent"),
+    ("logger", "tb", "csv, none, wandb"), ("family", "nope", "dyck, pretrained"),
+    ("experiment", "smoke,nope", "smoke")])
+def test_unknown_config_choices_fail_with_one_line_naming_the_options(tmp_path, group, value,
+                                                                      options):
+    proc = run("train.py", "-m" if "," in value else "--cfg=job", f"{group}={value}",
+               f"paths.root={tmp_path}", check=False)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {group}=nope" if "," in value else f"error: {group}={value}")
+    assert options in line and f"conf/{group}/" in line
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_launcher_without_its_plugin_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from polymorph.sweep import SweepSyntaxError, check_choices
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if "submitit" in name else real(name, *a))
+    with pytest.raises(SweepSyntaxError, match=r"pip install -e '\.\[launchers\]'"):
+        check_choices(["hydra/launcher=submitit_local"])
 
 
 def test_every_preset_runs_a_couple_of_steps(tmp_path):

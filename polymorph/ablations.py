@@ -298,9 +298,11 @@ def _name_groups(diff: dict[str, Any], base: dict[str, Any]) -> dict[str, str]:
         if not mine or not options:
             continue
         # the option the preset itself chose: the one agreeing with most of its keys
-        chosen = max(options.values(), key=lambda leaves: sum(
-            repr(base.get(k, MISSING)) == v for k, v in leaves))
-        chosen = dict(chosen)
+        def agreement(leaves):
+            return sum(repr(base.get(k, MISSING)) == v for k, v in leaves)
+
+        best_fit = max(options.values(), key=agreement)
+        chosen = dict(best_fit) if agreement(best_fit) else {}  # {}: the preset chose none
         best, explained = None, set()
         for option, leaves in options.items():
             hits = {k for k, v in leaves if k in mine and repr(mine[k]) == v}

@@ -16,7 +16,9 @@ comparison across them. Each ablation gets its own folder without a hand-picked 
   - **run** keys change the trained (or recorded) model: the family's
     :meth:`~polymorph.families.base.ModelFamily.identity` (Dyck: model, data, training, io,
     family; pretrained: the model id, revision and tokenizer). They name the run folder
-    ``outputs/<experiment>/<run keys>/seed=<N>/``;
+    ``outputs/<experiment>/<run keys>/seed=<N>/``. The SAE training activations
+    (``activations.*``, ``corpus.*``) count here too: SAE folders are named by SAE config
+    alone, so SAEs of other activations need runs of their own;
   - **SAE** keys change only the SAEs (``sae.*``, ``sae_ladder``, ``sites``): SAEs already live
     in ``saes/<site>/<config id>/`` inside the run folder, so an SAE-only ablation trains no new
     transformer;
@@ -55,8 +57,10 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: sections that change only the SAEs of a run
 SAE_SECTIONS = ("sae", "sae_ladder", "sites")
 #: sections that change the activations SAEs are trained on without changing the model; SAE
-#: folders are named by SAE config alone, so these would mix two ablations in one folder
+#: folders are named by SAE config alone, so these count as run keys (a new run folder)
 ACTIVATION_SECTIONS = ("activations", "corpus")
+#: activation keys that change only how fast they are collected
+ACTIVATION_THROUGHPUT = ("activations.batch_size", "corpus.shuffle_buffer")
 #: analysis keys that change where or how fast results are written, not what they are
 ANALYSIS_PRESENTATION = ("analysis.output_dir", "analysis.batch_size")
 #: config groups whose option names an ablation better than its keys do
@@ -396,9 +400,15 @@ def derive(cfg: DictConfig, family=None, preset: str | None = None,
         on = _callbacks_on(cfg)
         analysis = _diff_names(cfg, base, _analysis_leaves(cfg, on), _analysis_leaves(base, on),
                                ("analysis",))
-    ablation = Ablation(experiment, preset, run, sae, analysis)
-    _check_activation_keys(cfg, base, ablation)
-    return ablation
+    # SAE folders are named by SAE config alone: activations of another batch would put their
+    # SAEs where the preset's are, so a change of them counts as a change of the run
+    job_acts = _section_leaves(cfg, ACTIVATION_SECTIONS)
+    base_acts = _section_leaves(base, ACTIVATION_SECTIONS)
+    keep = {k: v for k, v in job_acts.items() if k not in ACTIVATION_THROUGHPUT}
+    run.update(_diff_names(cfg, base, keep, {k: v for k, v in base_acts.items()
+                                             if k not in ACTIVATION_THROUGHPUT},
+                           ACTIVATION_SECTIONS))
+    return Ablation(experiment, preset, run, sae, analysis)
 
 
 def _identity_of(family, base: DictConfig) -> dict[str, Any]:
@@ -424,22 +434,6 @@ def _analysis_leaves(cfg: DictConfig, callbacks: set[str]) -> dict[str, Any]:
 def _callbacks_on(cfg: DictConfig) -> set[str]:
     nodes = OmegaConf.select(cfg, "analysis.callbacks") or {}
     return {str(k) for k, v in nodes.items() if v is not None}
-
-
-def _check_activation_keys(cfg: DictConfig, base: DictConfig, ablation: Ablation) -> None:
-    """Refuse an ablation of the SAE training activations that keeps the transformer run:
-    its SAEs would land in the same ``saes/<site>/<config id>/`` folders as the preset's."""
-    if ablation.run:
-        return
-    diff = differing(_section_leaves(cfg, ACTIVATION_SECTIONS),
-                     _section_leaves(base, ACTIVATION_SECTIONS))
-    diff = {k: v for k, v in diff.items() if not k.endswith(".batch_size")}
-    if diff:
-        keys = ", ".join(f"{k}={v}" for k, v in diff.items())
-        raise PolymorphError(
-            f"{keys} changes the activations SAEs are trained on but not the model, and SAE "
-            f"folders are named by SAE config alone, so these SAEs would replace the preset's; "
-            f"give this ablation its own experiment with name=<a new name>")
 
 
 def describe_keys(keys: dict[str, str]) -> str:

@@ -26,7 +26,7 @@ SITES = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid")
 
 
 def spec(**kw) -> HeadlineSpec:
-    base = dict(question="q", callback="cb", source="rows", definition="d", value="v")
+    base = {"question": "q", "callback": "cb", "source": "rows", "definition": "d", "value": "v"}
     return HeadlineSpec(**{**base, **kw})
 
 

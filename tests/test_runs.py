@@ -111,12 +111,12 @@ def test_two_different_ablations_never_share_a_folder(tmp_path):
     assert run_layout(compose(root + ["io.mode=shared"])).root == folders[1]
 
 
-def test_an_activation_only_change_is_refused_with_what_to_write():
-    with pytest.raises(PolymorphError, match=r"activations.n_sequences=100.*name="):
-        ablation("activations.n_sequences=100")
-    # with a run-level key the runs are new, so their SAEs are too
+def test_other_sae_activations_get_runs_of_their_own():
+    # SAE folders are named by SAE config alone: SAEs of other activations need another folder
+    assert ablation("activations.n_sequences=100").run_label == "activations.n_sequences=100"
     assert ablation("activations.n_sequences=100", "model.d_mlp=128").run_label == \
-        "model.d_mlp=128"
+        "activations.n_sequences=100,model.d_mlp=128"
+    assert ablation("activations.batch_size=7").label == ""  # throughput only
 
 
 def test_chain_is_sorted_and_marks_dropped_keys():
@@ -124,9 +124,10 @@ def test_chain_is_sorted_and_marks_dropped_keys():
 
 
 def test_the_saved_config_guard_names_the_differing_keys(tmp_path):
+    from omegaconf import OmegaConf
+
     from polymorph.families.dyck import DyckFamily
     from polymorph.files import atomic_write_text
-    from omegaconf import OmegaConf
 
     cfg = compose(["experiment=smoke", f"paths.root={tmp_path}", "name=mine"])
     layout = run_layout(cfg)

@@ -1,6 +1,6 @@
 """Compare ablations: every headline number of each ablation's analysis, side by side.
 
-    python compare.py                                        # the shipped example (conf/compare/default.yaml)
+    python compare.py                                        # conf/compare/default.yaml's list
     python compare.py ablations=[io=independent,io=shared]   # any list of ablations
     python compare.py experiment=smoke ablations=[io=independent,io=shared,sae.expansion=32]
     python compare.py ablations=[io=shared,'io=shared model.d_model=128']   # several keys: quote

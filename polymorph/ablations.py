@@ -434,7 +434,3 @@ def _analysis_leaves(cfg: DictConfig, callbacks: set[str]) -> dict[str, Any]:
 def _callbacks_on(cfg: DictConfig) -> set[str]:
     nodes = OmegaConf.select(cfg, "analysis.callbacks") or {}
     return {str(k) for k, v in nodes.items() if v is not None}
-
-
-def describe_keys(keys: dict[str, str]) -> str:
-    return chain(keys) or "none"

@@ -31,8 +31,8 @@ HARMLESS_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
 CONSOLE_FILTERED = (re.compile(r"^(GPU|TPU|HPU) available: "),
                     re.compile(r"^`Trainer\.fit` stopped: `max_steps=\d+` reached"),
                     re.compile(r"^Seed set to \d+$"))
-LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                     "lightning.pytorch", "lightning.fabric")
+LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero",
+                     "lightning.fabric.utilities.rank_zero", "lightning.pytorch", "lightning.fabric")
 
 
 class _DropAtSource(logging.Filter):

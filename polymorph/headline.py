@@ -2,8 +2,9 @@
 
 Every analysis callback reports many numbers (per pair, per site, per head ...). The headline
 numbers are the few a comparison across ablations and the W&B report put side by side; which
-ones, and how each is defined, is config (``compare.headline`` in ``conf/compare/default.yaml``,
-part of every analysis config, so analyze.py logs them and compare.py tabulates them). A spec reads one quantity of one callback:
+ones, and how each is defined, is config (``compare.headline`` in
+``conf/compare/default.yaml``, part of every analysis config, so analyze.py logs them and
+compare.py tabulates them). A spec reads one quantity of one callback:
 
 * ``from: rows`` (a list of row dicts): the rows grouped by ``by`` (a site), ``value`` read in
   each; several rows (several seed pairs) are averaged;

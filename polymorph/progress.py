@@ -48,7 +48,8 @@ class SeedProgress(L.Callback):
         if self.active and trainer.is_global_zero:
             seed = os.environ.get("PL_GLOBAL_SEED")
             desc = self.description or (f"seed {seed}" if seed is not None else "training")
-            self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+            self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc=desc,
+                            unit="step", dynamic_ncols=True, leave=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.bar is None:

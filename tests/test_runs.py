@@ -93,7 +93,8 @@ def test_another_family_is_named_by_the_family():
 
 
 def test_folder_values_are_readable_and_never_collide():
-    assert folder_value(32) == "32" and folder_value(True) == "true" and folder_value(None) == "null"
+    assert folder_value(32) == "32" and folder_value(True) == "true"
+    assert folder_value(None) == "null"
     assert folder_value([0.9, 0.95]) == "0.9-0.95"
     long_a, long_b = "/data/a/b/c/seed{seed}", "/data/a_b/c/seed{seed}"
     assert "/" not in folder_value(long_a) and folder_value(long_a) != folder_value(long_b)

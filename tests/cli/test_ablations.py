@@ -66,7 +66,8 @@ def test_each_ablation_has_its_own_folder_and_the_sae_ablation_trains_no_transfo
         assert stamps(layout) == sequence["plain_before"][seed]
         for site in (layout.saes).iterdir():
             ids = sorted(p.name for p in site.iterdir())
-            assert len(ids) == 2 and any("-x32-" in i for i in ids) and any("-x8-" in i for i in ids)
+            assert len(ids) == 2
+            assert any("-x32-" in i for i in ids) and any("-x8-" in i for i in ids)
     assert not (root / "smoke" / "sae.expansion=32" / "seed=0").exists()
     assert "reused" in sequence["x32"].stdout
     # the io=shared cohort's anchor is its own: the shared embedding differs from the plain one

@@ -69,6 +69,8 @@ NAMED_GROUPS = ("io", "model", "sae", "sae_ladder")
 PRESENTATION_KEYS = ("training.callbacks.progress",)
 #: longest value written as is into a folder name
 MAX_VALUE_CHARS = 24
+#: longest key chain written as is as one folder name
+MAX_FOLDER_CHARS = 160
 MISSING = "<missing>"
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -118,12 +120,12 @@ class Ablation:
     def runs_dir(self, output_root: Path) -> Path:
         """The folder holding this ablation's ``seed=<N>/`` run folders."""
         folder = Path(output_root) / self.experiment
-        return folder / self.run_label if self.run_label else folder
+        return folder / folder_name(self.run_label) if self.run_label else folder
 
     def folder(self, output_root: Path) -> Path:
         """This ablation's own folder (its ``analysis/`` lives there)."""
         folder = self.runs_dir(output_root)
-        return folder / self.sub_label if self.sub_label else folder
+        return folder / folder_name(self.sub_label) if self.sub_label else folder
 
     def tracking_fields(self) -> dict[str, Any]:
         """Flat fields W&B groups and filters on (config fields and tags)."""
@@ -133,6 +135,15 @@ class Ablation:
 
     def tags(self) -> list[str]:
         return [f"experiment={self.experiment}"] + [f"{k}={v}"[:64] for k, v in self.keys.items()]
+
+
+def folder_name(label: str) -> str:
+    """A key chain as one folder name: itself, or (past :data:`MAX_FOLDER_CHARS`, file systems
+    allow 255 bytes) its start and a hash of the whole chain."""
+    if len(label.encode()) <= MAX_FOLDER_CHARS:
+        return label
+    digest = hashlib.sha1(label.encode()).hexdigest()[:10]
+    return f"{label.encode()[:MAX_FOLDER_CHARS - 12].decode(errors='ignore')}~{digest}"
 
 
 def chain(keys: dict[str, str]) -> str:

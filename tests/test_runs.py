@@ -120,6 +120,19 @@ def test_other_sae_activations_get_runs_of_their_own():
     assert ablation("activations.batch_size=7").label == ""  # throughput only
 
 
+def test_a_very_long_chain_still_makes_one_distinct_folder_name(tmp_path):
+    from polymorph.ablations import folder_name
+
+    many = [f"training.{k}={v}" for k, v in (("lr", 0.01), ("warmup_steps", 7),
+                                             ("weight_decay", 0.5), ("grad_clip", 0.3),
+                                             ("final_lr_fraction", 0.1), ("eval_every", 5),
+                                             ("converge_threshold", 0.5))]
+    a = ablation(*many, "data.batch_size=16", "data.eval_size=32", "data.p_valid=0.3")
+    name = a.runs_dir(tmp_path).name
+    assert len(name.encode()) <= 160 and name.startswith("data.batch_size=16")
+    assert folder_name(a.run_label + "x") != name
+
+
 def test_chain_is_sorted_and_marks_dropped_keys():
     assert chain({"b": "1", "a": "2", "~c": ""}) == "a=2,b=1,~c"
 

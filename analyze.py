@@ -1,8 +1,11 @@
-"""Cross-seed analysis of one experiment's finished seeds.
+"""Cross-seed analysis of one ablation's finished seeds (the same overrides as its training).
 
-    python analyze.py                       # the default experiment
+    python analyze.py                       # the default experiment: outputs/default/analysis/
     python analyze.py experiment=smoke      # another preset
+    python analyze.py -m io=independent,shared   # each ablation: .../io=shared/analysis/
     python analyze.py analysis.pairs=all analysis.score_on=fit '~analysis.callbacks.steering'
+
+Side by side: python compare.py ablations=[io=independent,io=shared]
 """
 
 import sys

@@ -1,8 +1,9 @@
 """Train one Dyck-3 transformer and its SAEs per seed (or, for pretrained models, the SAEs).
 
     python train.py                          # seed 0, default preset
-    python train.py -m seed=0..8             # nine seeds (inclusive range)
-    python train.py -m seed=0..8 stage=sae sae.expansion=8,32
+    python train.py -m seed=0..8             # nine seeds (inclusive range): outputs/default/seed=N/
+    python train.py -m seed=0..8 io=shared   # an ablation: outputs/default/io=shared/seed=N/
+    python train.py -m seed=0..8 sae.expansion=32        # SAEs only, beside the preset's
     python train.py -m seed=1..9 experiment=polypythia   # the PolyPythias (needs the Hub)
 """
 

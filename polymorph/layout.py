@@ -1,7 +1,8 @@
 """Where everything lives inside an experiment folder: the one place for file names.
 
 ```
-outputs/<experiment>/
+outputs/<experiment>/             the plain preset's runs; an ablation's runs are in
+                                  outputs/<experiment>/<ablation keys>/ (polymorph.ablations)
   seed=<N>/                       one run per model seed
     config.yaml                   resolved config the transformer was trained with
     run.json                      seed, versions, parameter counts, status, timings
@@ -15,6 +16,8 @@ outputs/<experiment>/
     saes/<site>/<sae config id>/     one SAE in SAELens format (+ metrics.json, polymorph.json)
     logs/                         W&B offline run / CSV logs
   analysis/                       written by analyze.py
+  <SAE or analysis keys>/analysis/  an SAE-only or analysis-only ablation's analysis
+  comparison/                     written by compare.py (every compared ablation)
   _hydra/                         Hydra's own job logs
 ```
 """
@@ -26,6 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SEED_DIR_PATTERN = re.compile(r"^seed=(\d+)$")
+#: an ablation's analysis (results.json, report.md, figures/), inside the ablation's folder
+ANALYSIS_DIR = "analysis"
+#: a comparison across ablations, inside the experiment folder
+COMPARISON_DIR = "comparison"
 
 
 def experiment_dir(root: str | Path, name: str) -> Path:
@@ -39,8 +46,17 @@ class RunLayout:
     root: Path
 
     @classmethod
-    def for_seed(cls, output_root: str | Path, experiment: str, seed: int) -> RunLayout:
-        return cls(experiment_dir(output_root, experiment) / f"seed={seed}")
+    def for_seed(cls, output_root: str | Path, experiment: str, seed: int,
+                 ablation: str = "") -> RunLayout:
+        """The run of ``seed`` in ``experiment`` (``ablation``: its run-level key chain, e.g.
+        ``io=shared``; empty for the plain preset)."""
+        folder = experiment_dir(output_root, experiment)
+        return cls.in_folder(folder / ablation if ablation else folder, seed)
+
+    @classmethod
+    def in_folder(cls, runs_dir: str | Path, seed: int) -> RunLayout:
+        """The run of ``seed`` in a folder of seed runs."""
+        return cls(Path(runs_dir) / f"seed={seed}")
 
     @property
     def config(self) -> Path:
@@ -110,9 +126,13 @@ class RunLayout:
         return out
 
 
-def find_seed_runs(output_root: str | Path, experiment: str) -> dict[int, RunLayout]:
-    """All seed folders of an experiment, finished or not, by seed."""
-    exp = experiment_dir(output_root, experiment)
+def find_seed_runs(output_root: str | Path, experiment: str = "",
+                   ablation: str = "") -> dict[int, RunLayout]:
+    """All seed folders of an experiment's plain preset (or of its run-level ``ablation``),
+    finished or not, by seed; with only ``output_root``, the seed folders in that folder."""
+    exp = experiment_dir(output_root, experiment) if experiment else Path(output_root)
+    if ablation:
+        exp = exp / ablation
     runs = {}
     if exp.is_dir():
         for child in exp.iterdir():

@@ -3,7 +3,8 @@ finished, and the guard that stops a folder being reused by a config that did no
 
 The file names inside a run folder are in :mod:`polymorph.layout`; what a run *is* (which
 config sections define it) is the model family's business
-(:meth:`polymorph.families.base.ModelFamily.identity`).
+(:meth:`polymorph.families.base.ModelFamily.identity`); which ablation folder a job's runs go
+to is :mod:`polymorph.ablations`' (``outputs/<experiment>/<ablation keys>/seed=<N>/``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from polymorph.ablations import PRESENTATION_KEYS, Ablation, derive
 from polymorph.errors import PolymorphError
 from polymorph.layout import RunLayout, find_seed_runs
 
@@ -44,10 +46,19 @@ def experiment_dir(cfg: DictConfig) -> Path:
     return output_root(cfg) / str(cfg.name)
 
 
-def run_layout(cfg: DictConfig, seed: int | None = None) -> RunLayout:
-    """The run folder of ``seed`` (default ``cfg.seed``) in this config's experiment."""
-    return RunLayout.for_seed(output_root(cfg), str(cfg.name),
-                              int(cfg.seed if seed is None else seed))
+def ablation(cfg: DictConfig, family=None, for_analysis: bool = False) -> Ablation:
+    """The ablation a job's config belongs to (:func:`polymorph.ablations.derive`)."""
+    return derive(cfg, family, for_analysis=for_analysis)
+
+
+def runs_dir(cfg: DictConfig, family=None) -> Path:
+    """The folder holding the ``seed=<N>/`` runs of this config's ablation."""
+    return ablation(cfg, family).runs_dir(output_root(cfg))
+
+
+def run_layout(cfg: DictConfig, seed: int | None = None, family=None) -> RunLayout:
+    """The run folder of ``seed`` (default ``cfg.seed``) in this config's ablation."""
+    return RunLayout.in_folder(runs_dir(cfg, family), int(cfg.seed if seed is None else seed))
 
 
 def read_run_config(layout: RunLayout) -> DictConfig:
@@ -84,6 +95,22 @@ def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _without_presentation(identity: dict) -> dict:
+    out = dict(identity)
+    for key in PRESENTATION_KEYS:
+        *parents, last = key.split(".")
+        node = out
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                node = None
+                break
+            node[p] = dict(node[p])
+            node = node[p]
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
+
+
 def check_matches_saved(identity, cfg: DictConfig, layout: RunLayout) -> None:
     """A run folder may only be resumed or reused by the config that created it.
 
@@ -93,27 +120,29 @@ def check_matches_saved(identity, cfg: DictConfig, layout: RunLayout) -> None:
     """
     if not layout.config.is_file():
         return
-    saved = identity(read_run_config(layout))
-    diffs = config_diff(saved, identity(cfg))
+    saved = _without_presentation(identity(read_run_config(layout)))
+    diffs = config_diff(saved, _without_presentation(identity(cfg)))
     if diffs:
         raise PolymorphError(
-            f"{layout.root} was trained with a different config ({'; '.join(diffs[:4])}); "
-            f"restore those overrides, choose another name=..., or pass retrain=true to start over"
+            f"{layout.root} was trained with a different config ({'; '.join(diffs[:4])}): two "
+            f"configs would share one run folder; restore those overrides, drop name= (every "
+            f"ablation then gets its own folder) or choose another name=..., or pass "
+            f"retrain=true to start over"
         )
 
 
-def finished_runs(root: Path, name: str, wanted: list[int] | None = None,
-                  minimum: int = 2, train_command: str | None = None) -> dict[int, RunLayout]:
-    """The finished seed runs of experiment ``name`` (all, or the ``wanted`` seeds), by seed.
+def finished_runs(where: Path, wanted: list[int] | None = None, minimum: int = 2,
+                  train_command: str | None = None) -> dict[int, RunLayout]:
+    """The finished seed runs in the folder ``where`` (all, or the ``wanted`` seeds), by seed.
 
     Raises a PolymorphError naming the command that trains what is missing when a wanted seed
     is unfinished or fewer than ``minimum`` seeds are finished (``train_command``: the
-    ``python train.py ...`` prefix that trains this experiment, without its ``seed=``).
+    ``python train.py ...`` prefix that trains this ablation, without its ``seed=``).
     """
-    command = train_command or f"python train.py -m name={name}"
-    runs = find_seed_runs(root, name)
+    where = Path(where)
+    command = train_command or "python train.py -m"
+    runs = find_seed_runs(where)
     finished = {s: r for s, r in runs.items() if r.is_finished()}
-    where = root / name
     if wanted is not None:
         wanted = [int(s) for s in wanted]
         absent = [s for s in wanted if s not in finished]

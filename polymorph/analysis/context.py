@@ -33,7 +33,7 @@ from polymorph.align.procrustes import Rotation, fit_rotation
 from polymorph.errors import PolymorphError
 from polymorph.families import ModelFamily, Readout, TokenBatch, build_family
 from polymorph.layout import RunLayout
-from polymorph.runs import finished_runs, read_run_config
+from polymorph.runs import ablation, finished_runs, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +178,12 @@ def build_context(cfg: DictConfig, root: Path, out_dir: Path, show_progress: boo
     family.check_batches({"SAE training (activations)": cfg.activations,
                           **{f"analysis.{k}_batch": v for k, v in specs.items()}})
     wanted = None if a.seeds is None else [int(s) for s in a.seeds]
-    runs = finished_runs(root, str(cfg.name), wanted, train_command=train_command(cfg))
+    experiment_dir = ablation(cfg, family).runs_dir(Path(root))  # this ablation's seed runs
+    runs = finished_runs(experiment_dir, wanted, train_command=train_command(cfg))
     anchor = int(a.anchor)
     if anchor not in runs:
         raise PolymorphError(
-            f"anchor seed {anchor} has no finished run in {root / str(cfg.name)} (finished "
+            f"anchor seed {anchor} has no finished run in {experiment_dir} (finished "
             f"seeds: {sorted(runs)}); pick one with analysis.anchor=<seed>")
     seeds = [anchor] + [s for s in runs if s != anchor]
     family.validate_seeds(seeds)
@@ -198,7 +199,6 @@ def build_context(cfg: DictConfig, root: Path, out_dir: Path, show_progress: boo
     except SiteError as err:
         raise PolymorphError(str(err)) from err
 
-    experiment_dir = root / str(cfg.name)
     batches = {name: family.token_batch(spec, experiment_dir, models[anchor])
                for name, spec in specs.items()}
     batch_size = int(a.get("batch_size") or 512)

@@ -21,6 +21,8 @@ from polymorph.errors import PolymorphError
 from polymorph.families import ModelFamily, build_family
 from polymorph.files import atomic_write_json, atomic_write_text
 from polymorph.instantiation import build
+from polymorph.layout import ANALYSIS_DIR
+from polymorph.runs import ablation as ablation_of
 from polymorph.runs import output_root
 from polymorph.versions import library_versions
 
@@ -31,10 +33,12 @@ REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
 
 
-def analysis_dir(cfg: DictConfig) -> Path:
+def analysis_dir(cfg: DictConfig, family: ModelFamily | None = None) -> Path:
+    """Where this analysis writes: ``analysis.output_dir``, else the ``analysis/`` folder of the
+    config's ablation (``outputs/<experiment>/<ablation keys>/analysis/``)."""
     if cfg.analysis.get("output_dir"):
         return Path(str(cfg.analysis.output_dir))
-    return output_root(cfg) / str(cfg.name) / "analysis"
+    return ablation_of(cfg, family, for_analysis=True).folder(output_root(cfg)) / ANALYSIS_DIR
 
 
 def build_callbacks(cfg: DictConfig, family: ModelFamily) -> dict[str, AnalysisCallback]:
@@ -68,20 +72,26 @@ def _clean(obj):
 
 
 def analyze(cfg: DictConfig, show_progress: bool = True) -> tuple[dict, dict]:
+    from polymorph.compare import headline_numbers
+    from polymorph.headline import parse_specs
     from polymorph.tracking import AnalysisTracker
 
     root = output_root(cfg)
-    out_dir = analysis_dir(cfg)
-    fig_dir = out_dir / FIGURES_DIR
-    fig_dir.mkdir(parents=True, exist_ok=True)
     check_analysis_config(cfg)
     family = build_family(cfg)
+    ablation = ablation_of(cfg, family, for_analysis=True)
     callbacks = build_callbacks(cfg, family)
+    parse_specs((cfg.get("compare") or {}).get("headline"))  # the headline specs, checked
+    out_dir = analysis_dir(cfg, family)
+    fig_dir = out_dir / FIGURES_DIR
+    fig_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     ctx = build_context(cfg, root, out_dir, show_progress=show_progress, family=family)
     results: dict = {
         "meta": {
             "experiment": str(cfg.name),
+            "ablation": {"name": ablation.display, "keys": ablation.keys,
+                         "runs": str(ctx.experiment_dir)},
             "context": ctx.description(),
             "callbacks": list(callbacks),
             "missing": list(ctx.missing),
@@ -90,10 +100,11 @@ def analyze(cfg: DictConfig, show_progress: bool = True) -> tuple[dict, dict]:
             "versions": library_versions(),
             "config": OmegaConf.to_container(cfg, resolve=True),
             "timings_seconds": {"context": round(time.perf_counter() - start, 2)},
+            "command": analysis_command(cfg, ablation),
         }
     }
     sections: list[str] = []
-    tracker = AnalysisTracker(cfg, out_dir)
+    tracker = AnalysisTracker(cfg, out_dir, ablation)
     objects = {"context": ctx, "callbacks": callbacks, "out_dir": out_dir}
     try:
         for name, cb in callbacks.items():
@@ -117,19 +128,38 @@ def analyze(cfg: DictConfig, show_progress: bool = True) -> tuple[dict, dict]:
             atomic_write_json(out_dir / RESULTS_FILE, results)
         results["meta"]["timings_seconds"]["total"] = round(time.perf_counter() - start, 2)
         atomic_write_json(out_dir / RESULTS_FILE, results)
+        tracker.log_headline(headline_numbers(results, cfg))
         atomic_write_text(out_dir / REPORT_FILE, render_report(ctx, results, sections))
     finally:
         tracker.finish()
     return results, objects
 
 
+def analysis_command(cfg: DictConfig, ablation) -> str:
+    """The command that reruns this analysis: the job's own overrides under Hydra, else the
+    preset and the ablation's keys."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return " ".join(["python analyze.py", *HydraConfig.get().overrides.task])
+    except ValueError:
+        pass
+    if ablation.preset is None:
+        return f"python analyze.py name={cfg.name}"
+    keys = [f"~{k[1:]}" if k.startswith("~") else f"{k}={v}" for k, v in ablation.keys.items()]
+    return " ".join(["python analyze.py", f"experiment={ablation.preset}", *keys])
+
+
 def render_report(ctx, results: dict, sections: list[str]) -> str:
     meta = results["meta"]
     mode = "anchor" if all(a == ctx.anchor for a, _ in ctx.pairs) else "all"
     held_out = "held out" if ctx.score_batch == "eval" else "IN-SAMPLE: the published protocol"
+    ablation = meta.get("ablation") or {}
     head = [
         f"# polymorph analysis: `{meta['experiment']}`",
         "",
+        f"- ablation: `{ablation.get('name', meta['experiment'])}` (runs in "
+        f"`{ablation.get('runs', ctx.experiment_dir)}`)",
         f"- family: `{ctx.family.name}`; seeds: {ctx.seeds} (anchor {ctx.anchor}); pairs: "
         f"{mode} ({len(ctx.pairs)}: seed b mapped into seed a's frame)",
         f"- sites: {', '.join(f'`{s}`' for s in ctx.sites)}",

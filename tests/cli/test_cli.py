@@ -37,17 +37,36 @@ def test_bad_seed_ranges_fail_with_one_clear_line(tmp_path, arg, message):
     assert not (tmp_path / "default").exists()
 
 
-@pytest.mark.parametrize("group, value", [("experiment", "nope"), ("io", "half"), ("logger", "tb"),
-                                          ("family", "nope")])
-def test_unknown_config_choices_name_the_options(tmp_path, group, value):
-    proc = run("train.py", f"{group}={value}", f"paths.root={tmp_path}", check=False)
-    assert proc.returncode != 0
-    assert f"Could not find '{group}/{value}'" in proc.stderr
-    assert "Available options" in proc.stderr
+@pytest.mark.parametrize("group, value, options", [
+    ("experiment", "nope", "default, paper, polypythia, smoke"), ("io", "half", "independent"),
+    ("logger", "tb", "csv, none, wandb"), ("family", "nope", "dyck, pretrained"),
+    ("experiment", "smoke,nope", "smoke")])
+def test_unknown_config_choices_fail_with_one_line_naming_the_options(tmp_path, group, value,
+                                                                      options):
+    proc = run("train.py", "-m" if "," in value else "--cfg=job", f"{group}={value}",
+               f"paths.root={tmp_path}", check=False)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {group}=nope" if "," in value else f"error: {group}={value}")
+    assert options in line and f"conf/{group}/" in line
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_launcher_without_its_plugin_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from polymorph.sweep import SweepSyntaxError, check_choices
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if "submitit" in name else real(name, *a))
+    with pytest.raises(SweepSyntaxError, match=r"pip install -e '\.\[launchers\]'"):
+        check_choices(["hydra/launcher=submitit_local"])
 
 
 def test_every_preset_runs_a_couple_of_steps(tmp_path):
-    # Each preset end to end (transformer and SAE stage) with its size cut down.
+    # Each preset end to end (transformer and SAE stage) with its size cut down: the cuts are
+    # an ablation of each preset, so its runs land in that ablation's folder.
     run(
         "train.py", "-m", "experiment=smoke,default,paper", f"paths.root={tmp_path}",
         "logger=none", "trainer.enable_progress_bar=false",
@@ -56,7 +75,9 @@ def test_every_preset_runs_a_couple_of_steps(tmp_path):
         "sites=[blocks.0.hook_resid_post]",
     )
     for preset in ("smoke", "default", "paper"):
-        runs = find_seed_runs(tmp_path, preset)
+        (folder,) = (tmp_path / preset).glob("*training.max_steps=2*")
+        assert "data.batch_size=8" in folder.name and "sae." not in folder.name, folder
+        runs = find_seed_runs(folder)
         assert list(runs) == [0] and runs[0].is_finished(), preset
         assert list(runs[0].saes.glob("*/*/cfg.json")), preset
 
@@ -69,6 +90,25 @@ def test_parallel_launcher_runs_a_two_seed_sweep(tmp_path):
     )
     runs = find_seed_runs(tmp_path, "smoke")
     assert sorted(runs) == [0, 1] and all(r.is_finished() for r in runs.values())
+
+
+def test_submitit_launcher_runs_a_two_seed_sweep_and_a_rerun_reuses_it(tmp_path):
+    """The SLURM path's machinery for real: submitit_local starts each job as its own process
+    through submitit, as submitit_slurm does on a cluster."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = ["train.py", "-m", "seed=0,1", "experiment=smoke", f"paths.root={tmp_path}", *FAST,
+             "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
+             "hydra.launcher.cpus_per_task=1"]
+    run(*sweep, env={"OMP_NUM_THREADS": "1"})
+    runs = find_seed_runs(tmp_path, "smoke")
+    assert sorted(runs) == [0, 1] and all(r.is_finished() for r in runs.values())
+    jobs = list((tmp_path / "smoke" / "_hydra").rglob(".submitit/*/*_log.out"))
+    assert len(jobs) == 2  # two submitit jobs, each with its own log
+    before = {s: r.best.stat().st_mtime_ns for s, r in runs.items()}
+    run(*sweep, env={"OMP_NUM_THREADS": "1"})
+    assert {s: r.best.stat().st_mtime_ns for s, r in runs.items()} == before
+    logs = list((tmp_path / "smoke" / "_hydra").rglob(".submitit/*/*_log.out"))
+    assert sum("reused in" in p.read_text() for p in logs) == 2
 
 
 def test_gpu_and_cluster_configs_compose():
@@ -93,6 +133,7 @@ def test_pretrained_family_train_then_analyze(tiny_lm, tmp_path):
     run("analyze.py", *tiny_lm_overrides(tiny_lm, out, "~analysis.callbacks.checkpoint_drift",
                                          analysis=True), env={"OMP_NUM_THREADS": "1"})
     results = json.loads((out / tiny_lm["name"] / "analysis" / "results.json").read_text())
+    assert results["meta"]["ablation"]["name"] == tiny_lm["name"]  # name= given: it wins
     assert results["meta"]["context"]["seeds"] == [1, 2] and not results["meta"]["partial"]
 
 

@@ -89,9 +89,10 @@ def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
 
 
 def test_changed_config_on_an_existing_run_is_refused(tmp_path):
-    train(compose(smoke_overrides(tmp_path, TRANSFORMER)))
+    # name= puts both configs into one folder: the saved-config guard refuses, naming the key
+    train(compose(smoke_overrides(tmp_path, TRANSFORMER, "name=mine")))
     with pytest.raises(PolymorphError, match="training.lr.*retrain=true"):
-        train(compose(smoke_overrides(tmp_path, TRANSFORMER, "training.lr=0.01")))
+        train(compose(smoke_overrides(tmp_path, TRANSFORMER, "name=mine", "training.lr=0.01")))
 
 
 def test_corrupt_resume_state_gives_a_clear_error(tmp_path):
@@ -118,26 +119,27 @@ def test_shared_io_loads_the_anchors_io_weights_frozen_and_trains_the_anchor_onc
     shared = ["io=shared", TRANSFORMER]
     # The non-anchor job runs first: it must train the anchor itself (under the anchor's lock).
     train(compose(smoke_overrides(tmp_path, "seed=1", *shared)))
-    anchor = RunLayout.for_seed(tmp_path, "smoke", 0)
+    anchor = RunLayout.for_seed(tmp_path, "smoke", 0, "io=shared")  # the ablation's own anchor
     assert anchor.is_finished()
     stamp = anchor.best.stat().st_mtime_ns
     train(compose(smoke_overrides(tmp_path, "seed=0", *shared)))  # the anchor's own job
     assert anchor.best.stat().st_mtime_ns == stamp  # not trained twice
     a = load_file(str(anchor.best))
-    b = load_file(str(RunLayout.for_seed(tmp_path, "smoke", 1).best))
+    b = load_file(str(RunLayout.for_seed(tmp_path, "smoke", 1, "io=shared").best))
     for name in ("embed.W_E", "unembed.W_U"):
         assert torch.equal(a[name], b[name]), name
     assert not torch.equal(a["blocks.0.attn.W_Q"], b["blocks.0.attn.W_Q"])
-    info = read_json(RunLayout.for_seed(tmp_path, "smoke", 1).run_info)
+    info = read_json(RunLayout.for_seed(tmp_path, "smoke", 1, "io=shared").run_info)
     assert info["trainable_parameters"] == 104_448 - 40 * 64 - 64 * 51
+    assert not (tmp_path / "smoke" / "seed=0").exists()  # the plain preset's folder is untouched
 
 
 def test_shared_io_refuses_an_anchor_with_another_model_config(tmp_path):
-    train(compose(smoke_overrides(tmp_path, "seed=0", "io=shared", TRANSFORMER)))
+    # only a shared name= can pair an anchor with another model config: ablations never do
+    train(compose(smoke_overrides(tmp_path, "seed=0", "io=shared", TRANSFORMER, "name=mine")))
     with pytest.raises(PolymorphError, match="anchor run"):
-        train(
-            compose(smoke_overrides(tmp_path, "seed=1", "io=shared", TRANSFORMER, "model.d_mlp=128"))
-        )
+        train(compose(smoke_overrides(tmp_path, "seed=1", "io=shared", TRANSFORMER, "name=mine",
+                                      "model.d_mlp=128")))
 
 
 def test_checkpoints_list_every_kept_step_with_its_metrics_and_load(smoke_runs):

@@ -1,0 +1,1 @@
+"""Reports built from polymorph's outputs (the W&B report across ablations)."""

@@ -18,7 +18,7 @@ from polymorph.tasks.datamodule import DyckDataModule
 from tests.helpers.cli import ENV, run
 from tests.helpers.config import REPO
 
-DDP = ["experiment=smoke", "stage=transformer", "logger=none", "trainer=ddp",
+DDP = ["experiment=smoke", "name=ddp", "stage=transformer", "logger=none", "trainer=ddp",
        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
        "trainer.enable_progress_bar=false", "training.max_steps=30", "training.eval_every=10"]
 
@@ -42,7 +42,7 @@ def test_every_rank_draws_its_own_batches_and_rank_0_the_single_device_one():
 def test_a_two_process_ddp_run_finishes_and_resumes_bit_exactly(tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run("train.py", *DDP, f"paths.root={whole}", env={"OMP_NUM_THREADS": "1"})
-    reference = RunLayout.for_seed(whole, "smoke", 0)
+    reference = RunLayout.for_seed(whole, "ddp", 0)
     assert reference.is_finished() and sorted(reference.step_checkpoints()) == [10, 20, 30]
 
     # the same run, killed (both processes) once its first checkpoint is written, then rerun
@@ -50,7 +50,7 @@ def test_a_two_process_ddp_run_finishes_and_resumes_bit_exactly(tmp_path):
                              f"paths.root={broken}"], cwd=REPO,
                             env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    layout = RunLayout.for_seed(broken, "smoke", 0)
+    layout = RunLayout.for_seed(broken, "ddp", 0)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if layout.resume_state.is_file() and layout.checkpoint_index.is_file():

@@ -142,3 +142,12 @@ def test_bad_arguments_are_refused():
         Universality(n_boot=10)
     with pytest.raises(ValueError, match="chance_trials"):
         Universality(chance_trials=-1)
+
+
+def test_the_ceiling_config_is_not_a_sparsity_rung(ctx):
+    from polymorph.analysis.sparsity import Sparsity
+
+    result = Sparsity().run(ctx)
+    assert result["configs"] == [] and result["missing"] == []
+    assert all(any("SAE-seed ceiling" in n for n in result["notes"] if n.startswith(site))
+               for site in ctx.sites)

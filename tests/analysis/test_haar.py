@@ -32,8 +32,8 @@ def twins(ctx, qs: list[torch.Tensor]):
     rotations, pairs = dict(ctx.rotations), []
     for i, q in enumerate(qs):
         seed = 90 + i
-        for b in acts:
-            acts[b][seed] = {s: (ctx.acts[b][a][s].double() @ q).float() for s in ctx.sites}
+        for b, per_seed in acts.items():
+            per_seed[seed] = {s: (ctx.acts[b][a][s].double() @ q).float() for s in ctx.sites}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             for s in ctx.sites:

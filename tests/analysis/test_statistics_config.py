@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import polymorph.analysis.runner as runner
+from polymorph.analysis import runner
 from polymorph.analysis.runner import analyze
 from polymorph.errors import PolymorphError
 from tests.helpers.config import compose, smoke_overrides

@@ -286,6 +286,7 @@ class SplicedLoss(AnalysisCallback):
             row[f"{v}_delta_loss"] = value - clean
             row[f"{v}_delta_loss_ci"] = boot.ci(r - clean_r, value - clean)
             row[f"{v}_kl"], row[f"{v}_kl_ci"] = kl, boot.ci(kl_r, kl)
+            rep[f"{v}_delta_loss"], rep[f"{v}_kl"] = r - clean_r, kl_r
             if resolved:
                 rec_r = (abl_r - r) / (abl_r - clean_r)
                 rec = (abl - value) / (abl - clean)
@@ -313,9 +314,12 @@ class SplicedLoss(AnalysisCallback):
                 entry[f"{v}_recovered_ci"] = boot.over_pairs(
                     [reps[(s, site, head)][v] for s in have],
                     [site_rows[s][f"{v}_recovered"] for s in have]) if have else None
-                entry[f"{v}_delta_loss"] = mean(site_rows[s].get(f"{v}_delta_loss")
-                                                for s in others)
-                entry[f"{v}_kl"] = mean(site_rows[s].get(f"{v}_kl") for s in others)
+                for key in ("delta_loss", "kl"):
+                    have = [s for s in others if site_rows[s].get(f"{v}_{key}") is not None]
+                    entry[f"{v}_{key}"] = mean(site_rows[s][f"{v}_{key}"] for s in have)
+                    entry[f"{v}_{key}_ci"] = boot.over_pairs(
+                        [reps[(s, site, head)][f"{v}_{key}"] for s in have],
+                        [site_rows[s][f"{v}_{key}"] for s in have]) if have else None
             both = [s for s in others if site_rows[s].get("transferred_recovered") is not None
                     and site_rows[s].get("own_recovered") is not None]
             if both:
@@ -463,8 +467,8 @@ class SplicedLoss(AnalysisCallback):
 
             lines.append(f"| `{site}` | {cell('anchor_own')} | {cell('transferred')} | "
                          f"{cell('naive')} | {cell('own')} | "
-                         f"{fmt_ci(e.get('transferred_kl'), None, '.4f')} | "
-                         f"{fmt_ci(e.get('naive_kl'), None, '.4f')} |")
+                         f"{fmt_ci(e.get('transferred_kl'), e.get('transferred_kl_ci'), '.4f')} | "
+                         f"{fmt_ci(e.get('naive_kl'), e.get('naive_kl_ci'), '.4f')} |")
         lines += ["", "Reading (margin {:g}): ".format(result["margin"]) + " ".join(
             self.reading(site, per_head[TOTAL]) for site, per_head in result["per_site"].items())]
         unresolved = sorted({f"`{r['site']}`" for r in result["rows"]

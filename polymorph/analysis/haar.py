@@ -155,10 +155,18 @@ class HaarDiagnosticsCallback(AnalysisCallback):
             "rows": rows,
             "per_site": per_site,
             "rotations_file": ROTATIONS_FILE,
-            "shared_directions": None if ctx.family.shared_directions(
-                ctx.rotation(*ctx.pairs[0], ctx.sites[0]).d) is None else
-            "family.shared_directions(d): residual directions every seed shares by construction",
+            "shared_directions": self._shared(ctx),
         }
+
+    @staticmethod
+    def _shared(ctx) -> dict | None:
+        d = ctx.rotation(*ctx.pairs[0], ctx.sites[0]).d
+        shared = ctx.family.shared_directions(d)
+        if shared is None:
+            return None
+        return {"n_directions": int(shared.shape[1]),
+                "source": "family.shared_directions(d): residual directions every seed shares "
+                "by construction"}
 
     def _site_summary(self, rows: list[dict], null, angles: list, d: int) -> dict:
         out: dict = {"n_pairs": len(rows), "d": d,
@@ -179,9 +187,11 @@ class HaarDiagnosticsCallback(AnalysisCallback):
                 out["off_shared_rank"] = rows[0]["off_shared"]["rank"]
         if out["determined"]:
             ks = stats.ks_2samp(np.concatenate(angles), null.pooled_angles)
-            out["pooled_ks_p"] = float(ks.pvalue)
+            out["pooled_ks_stat"], out["pooled_ks_p"] = float(ks.statistic), float(ks.pvalue)
             out["pooled_trace_z"], out["pooled_trace_p"] = pooled([r["trace_z"] for r in rows])
             out["frob_dist"] = mean(r["frob_dist"] for r in rows)
+            out["frob_dist_ci"] = pair_interval([r["frob_dist"] for r in rows], self.n_boot,
+                                                self.level, self.boot_seed)
             out["fixed_dim_estimate"] = mean(r["fixed_dim_estimate"] for r in rows)
         out["null"] = self._null_band(null)
         return out
@@ -237,8 +247,11 @@ class HaarDiagnosticsCallback(AnalysisCallback):
             "two-sided normal p-value",
             "departs_from_haar_on_span / departs_from_haar_off_shared": f"pooled p < "
             f"{1 - self.level:.2g}",
-            "pooled_ks_p": "KS of all pairs' eigen-angles pooled (where determined)",
+            "pooled_ks_p / pooled_ks_stat": "KS of all pairs' eigen-angles pooled against the "
+            "null's (where determined)",
             "off_shared_rank": "rank of the off_shared subspace",
+            "shared_directions": "the directions the family shares by construction "
+            "(n_directions of them), null for a family without any",
             **INTERVAL_DEFINITION,
         }
 
@@ -357,11 +370,17 @@ class HaarDiagnosticsCallback(AnalysisCallback):
             "",
             "Trace z-scores against the exact Haar moments (Monte-Carlo draws only for p-values, "
             "the ||R - I||_F band and angle distributions): on the span of the activations (the "
-            "full trace where the span is all of d), and on the directions orthogonal to the "
-            "ones every seed shares by construction (the Dyck positional code). Means over pairs "
-            "with intervals over the pairs, pooled z over pairs (Stouffer; pairs sharing the "
-            "anchor are not independent). ||R - I||_F, the published KS test (p near 1 is what "
-            "any Haar draw gives) and the near-fixed dimension only where R is determined.",
+            "full trace where the span is all of d), and "
+            + ("on the directions orthogonal to the "
+               f"{result['shared_directions']['n_directions']} every seed of the "
+               f"{ctx.family.name} family shares by construction (family.shared_directions)"
+               if result.get("shared_directions") else
+               f"no second statistic: the {ctx.family.name} family shares no residual "
+               "directions by construction")
+            + ". Means over pairs with intervals over the pairs, pooled z over pairs (Stouffer; "
+            "pairs sharing the anchor are not independent). ||R - I||_F, the published KS test "
+            "(p near 1 is what any Haar draw gives) and the near-fixed dimension only where R "
+            "is determined.",
             "",
             "| site | span r | trace z on span | pooled | z without shared dirs | pooled | "
             "‖R−I‖_F | Haar band | pooled KS p | near-fixed dims |",
@@ -370,13 +389,15 @@ class HaarDiagnosticsCallback(AnalysisCallback):
         for site, s in result["per_site"].items():
             band = s["null"]
             full = s["determined"]
+            frob = fmt_ci(s.get("frob_dist"), s.get("frob_dist_ci"), ".2f") if full else \
+                "undetermined"
             lines.append(
                 f"| `{site}` | {s['span_rank']} / {s['d']} "
                 f"| {fmt_ci(s.get('trace_z_on_span'), s.get('trace_z_on_span_ci'), '+.2f')} "
                 f"| {fmt(s.get('pooled_trace_z_on_span'), '+.2f')} "
                 f"| {fmt_ci(s.get('trace_z_off_shared'), s.get('trace_z_off_shared_ci'), '+.2f')} "
                 f"| {fmt(s.get('pooled_trace_z_off_shared'), '+.2f')} "
-                f"| {fmt(s.get('frob_dist'), '.2f') if full else 'undetermined'} "
+                f"| {frob} "
                 f"| {band['frob_q025']:.2f}–{band['frob_q975']:.2f} "
                 f"| {fmt(s.get('pooled_ks_p'), '.3f') if full else '-'} "
                 f"| {fmt(s.get('fixed_dim_estimate'), '.1f') if full else '-'} |")

@@ -394,6 +394,7 @@ class Steering(AnalysisCallback):
             "within_effect": entry["within"]["effect"][i],
             "within_effect_ci": entry["within"]["effect_ci"][i],
             "random_within_effect": entry["within"]["random_effect"][i],
+            "random_within_effect_ci": entry["within"]["random_effect_ci"][i],
             "mean_cos_raw_rotated": _mean(r["cos_raw_rotated"] for r in cross),
         }
         for kind in CROSS_KINDS:
@@ -464,8 +465,9 @@ class Steering(AnalysisCallback):
             "draw's expected free angles below the threshold (the excess over Haar)",
             "threshold": "the angle (radians) below which a direction counts as fixed (1e-6 "
             "when only exact zeros qualify)",
-            "noise_level": "the rule's first threshold: the fit noise of the whole rotation "
-            "(factor x the bootstrap quantile of its largest noise angle)",
+            "noise_level": "the rule's first threshold (factor x the bootstrap quantile of the "
+            "largest noise angle of the whole rotation): the noise of its least determined "
+            "direction, an upper bound of the final threshold",
             "expected_free": "a Haar draw's mean number of free angles below the threshold",
             "forced": "the angle forced to 0 by det R and the parity of d (0 or 1)",
             "noiseless_threshold / noiseless_estimate": "the noiseless rule's threshold and "
@@ -493,9 +495,10 @@ class Steering(AnalysisCallback):
         found = {k: v for k, v in fixed.items() if "count" in v}
         lines = ["", "Near-fixed subspace of the rotation between the anchor and each seed "
                  "(threshold at the fit's own bootstrap noise): "
-                 + ("; ".join(f"seed {k}: {v['count']} direction(s) below {v['threshold']:.2g} "
-                              f"rad (fit noise {v['noise_level']:.2g} rad; excess over Haar "
-                              f"{v['dim_estimate']}; noiseless rule {v['noiseless_estimate']})"
+                 + ("; ".join(f"seed {k}: {v['count']} direction(s) held in place "
+                              f"({v['forced']} forced by det and parity; angle threshold "
+                              f"{v['threshold']:.2g} rad; excess over Haar {v['dim_estimate']}, "
+                              f"noiseless rule {v['noiseless_estimate']})"
                               for k, v in found.items()) or "none")
                  + "".join(f"; seed {k}: {v['skipped']}" for k, v in fixed.items()
                            if "skipped" in v) + "."]
@@ -628,12 +631,13 @@ class Steering(AnalysisCallback):
 
             lines.append(
                 f"| {name} | {_ci(s['within_effect'], s['within_effect_ci'])} | "
-                f"{_f(s['random_within_effect'])} | "
+                f"{_ci(s['random_within_effect'], s.get('random_within_effect_ci'))} | "
                 f"{_ci(s['mean_raw_effect'], s['mean_raw_effect_ci'])} "
                 f"({_ci(s['mean_raw_ratio'], s['mean_raw_ratio_ci'], '{:.2f}')}) | "
                 f"{_ci(s['mean_rotated_effect'], s['mean_rotated_effect_ci'])} "
                 f"({_ci(s['mean_rotated_ratio'], s['mean_rotated_ratio_ci'], '{:.2f}')}) | "
-                f"{_f(s['mean_random_effect'])} | {counts('raw')} | {counts('rotated')} |")
+                f"{_ci(s['mean_random_effect'], s.get('mean_random_effect_ci'))} | "
+                f"{counts('raw')} | {counts('rotated')} |")
         lines += self._fixed_report(result)
         lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in figures]
         if result["skipped"]:

@@ -392,13 +392,16 @@ class Universality(AnalysisCallback):
         for site, s in result["per_site"].items():
             cells = [fmt_ci(s.get("raw_mean_max_cos"), s.get("raw_mean_max_cos_ci")),
                      fmt_ci(s.get("rotated_mean_max_cos"), s.get("rotated_mean_max_cos_ci")),
-                     fmt(s.get("matched_chance_rotated_mean_max_cos")),
+                     fmt_ci(s.get("matched_chance_rotated_mean_max_cos"),
+                            s.get("matched_chance_rotated_mean_max_cos_ci")),
                      fmt(s.get("isotropic_chance_mean_max_cos")),
-                     fmt(s.get("ceiling_mean_max_cos")),
+                     fmt_ci(s.get("ceiling_mean_max_cos"), s.get("ceiling_mean_max_cos_ci")),
                      fmt_ci(s.get("rotated_hungarian_mean_cos"),
                             s.get("rotated_hungarian_mean_cos_ci")),
-                     fmt(s.get("matched_chance_rotated_hungarian_mean_cos")),
-                     fmt(s.get("ceiling_hungarian_mean_cos"))]
+                     fmt_ci(s.get("matched_chance_rotated_hungarian_mean_cos"),
+                            s.get("matched_chance_rotated_hungarian_mean_cos_ci")),
+                     fmt_ci(s.get("ceiling_hungarian_mean_cos"),
+                            s.get("ceiling_hungarian_mean_cos_ci"))]
             lines.append(f"| `{site}` | " + " | ".join(cells) + " |")
         readings = [self.reading(site, s) for site, s in result["per_site"].items()]
         lines += ["", f"Reading (margin {result['margin']:g}): "

@@ -102,6 +102,8 @@ def test_a_family_without_shared_directions_has_no_off_shared_statistic(lm_analy
     results, _ = lm_analysis
     assert all(r["off_shared"] is None for r in results["haar"]["rows"])
     assert results["haar"]["shared_directions"] is None
+    report = (lm_analysis[1] / "report.md").read_text()
+    assert "shares no residual directions by construction" in report
 
 
 def test_bad_arguments_are_refused():

@@ -195,8 +195,8 @@ class Universality(AnalysisCallback):
             row["ceiling"] = ceilings.get((a, site))
             chance = row.get("matched_chance_rotated")
             row["position"] = {
-                m: between(row["rotated"][m], chance and chance[m],
-                           row["ceiling"] and row["ceiling"][m]) for m in METRICS}
+                m: self._position(row["rotated"][m], chance and chance[m],
+                                  row["ceiling"] and row["ceiling"][m]) for m in METRICS}
             rows.append(row)
             self._hist[(a, b, site)] = (raw.max_cos, rot.max_cos)
         per_site = {site: self._site_summary([r for r in rows if r["site"] == site])
@@ -216,6 +216,13 @@ class Universality(AnalysisCallback):
             "skipped": skipped,
             "missing": missing,
         }
+
+    def _position(self, value, chance, ceiling) -> float | None:
+        """Where value lies from chance (0) to the ceiling (1); only where the ceiling clears
+        chance by the margin (otherwise the scale is noise)."""
+        if chance is None or ceiling is None or ceiling - chance <= self.margin:
+            return None
+        return between(value, chance, ceiling)
 
     def _site_summary(self, rows: list[dict]) -> dict | None:
         if not rows:
@@ -242,9 +249,9 @@ class Universality(AnalysisCallback):
             if with_ceiling:
                 add(f"ceiling_minus_rotated_{metric}",
                     [r["ceiling"][metric] - r["rotated"][metric] for r in with_ceiling])
-            out[f"position_{metric}"] = between(out.get(f"rotated_{metric}"),
-                                                out.get(f"matched_chance_rotated_{metric}"),
-                                                out.get(f"ceiling_{metric}"))
+            out[f"position_{metric}"] = self._position(
+                out.get(f"rotated_{metric}"), out.get(f"matched_chance_rotated_{metric}"),
+                out.get(f"ceiling_{metric}"))
             out.setdefault("relation_to_matched_chance", {})[metric] = relation(
                 out.get(f"excess_over_matched_chance_{metric}"),
                 out.get(f"excess_over_matched_chance_{metric}_ci"), 0.0, self.margin)
@@ -280,7 +287,8 @@ class Universality(AnalysisCallback):
             "data whose config differs only in shared_init_seed (config_id); how much two SAEs "
             "of one model agree",
             "position": "(rotated - matched_chance_rotated) / (ceiling - matched_chance_rotated): "
-            "0 at matched chance, 1 at the SAE-seed ceiling",
+            "0 at matched chance, 1 at the SAE-seed ceiling; null unless the ceiling clears "
+            "chance by the margin",
             "excess_over_matched_chance": "rotated minus matched_chance_rotated, per pair",
             "ceiling_minus_rotated": "ceiling minus rotated, per pair (pairs with a ceiling)",
             "per_site": "means over the pairs of each site (ceiling: seed a's, per pair); *_ci: "

@@ -35,6 +35,9 @@ def build(node: DictConfig, where: str, **kwargs: Any) -> Any:
         root = err.__cause__
         while root is not None and root.__cause__ is not None:
             root = root.__cause__
+        if isinstance(root, ValueError) and str(root):
+            # the object's own check of a setting's value: its message says what to write
+            raise PolymorphError(f"{where}: {str(root).splitlines()[0]}") from err
         because = f" ({type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''})" \
             if root is not None else ""
         raise PolymorphError(f"cannot build {where} (_target_: {node.get('_target_')}): "

@@ -67,6 +67,8 @@ class AnalysisContext:
     fit_precision: str = "float64"
     missing: list[str] = field(default_factory=list)  # what could not be analysed, and why
     show_progress: bool = True
+    # the train.py prefix that trains this experiment (for reports that say what to train)
+    train_command: str = "python train.py -m"
 
     @property
     def readout(self) -> Readout:
@@ -242,4 +244,4 @@ def build_context(cfg: DictConfig, root: Path, out_dir: Path, show_progress: boo
         run_configs=configs, sites=sites, pairs=pairs, batches=batches, acts=acts,
         rotations=rotations, saes=saes, sae_config_id=cid, group=str(a.group),
         score_on=str(a.score_on), batch_size=batch_size, fit_precision=str(a.fit_precision),
-        missing=missing, show_progress=show_progress)
+        missing=missing, show_progress=show_progress, train_command=train_command(cfg))

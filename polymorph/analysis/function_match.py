@@ -24,7 +24,9 @@ import torch
 
 from polymorph.align.outputs import KLReference, agreement_rows, cross_entropy_rows, per_sequence
 from polymorph.analysis.base import AnalysisCallback
+from polymorph.analysis.intervals import INTERVAL_DEFINITION, SequenceBootstrap, check_n_boot
 from polymorph.analysis.plots import COLOURS, plt, save
+from polymorph.analysis.readings import fmt_ci
 from polymorph.families.base import NO_TARGET, TokenBatch
 
 FIGURE_FILE = "function_match.png"
@@ -99,12 +101,14 @@ class FunctionMatch(AnalysisCallback):
         heldout_sequences: sequences per held-out distribution of the family (if it has any).
         heldout_seed: generator seed of the first held-out distribution (+1 for the next);
             far from the analysis batches' seeds, so the sets are disjoint from them.
+        n_boot, level, boot_seed: the sequence bootstrap of every interval (n_boot >= 100).
     """
 
     name = "function_match"
 
     def __init__(self, n_sequences: int | None = None, heldout_sequences: int = 512,
-                 heldout_seed: int = 3003) -> None:
+                 heldout_seed: int = 3003, n_boot: int = 1000, level: float = 0.95,
+                 boot_seed: int = 0) -> None:
         if n_sequences is not None and int(n_sequences) < 1:
             raise ValueError(f"n_sequences must be None (all) or >= 1, got {n_sequences}")
         if int(heldout_sequences) < 0:
@@ -112,6 +116,11 @@ class FunctionMatch(AnalysisCallback):
         self.n_sequences = None if n_sequences is None else int(n_sequences)
         self.heldout_sequences = int(heldout_sequences)
         self.heldout_seed = int(heldout_seed)
+        self.n_boot = check_n_boot(n_boot)
+        if not 0.0 < float(level) < 1.0:
+            raise ValueError(f"level={level} must be in (0, 1), e.g. 0.95")
+        self.level = float(level)
+        self.boot_seed = int(boot_seed)
 
     def batches(self, ctx) -> dict[str, TokenBatch]:
         out = {ctx.score_batch: ctx.batches[ctx.score_batch].head(self.n_sequences)}
@@ -124,29 +133,40 @@ class FunctionMatch(AnalysisCallback):
         batches = self.batches(ctx)
         pairs = [{"pair": [a, b]} for a, b in ctx.pairs]
         seeds: dict[str, dict] = {}
+        summary = {}
         for name, batch in batches.items():
             pair_sums, seed_sums = compare_outputs(ctx.models, readout, list(ctx.pairs), batch,
                                                    ctx.batch_size, ctx.progress)
+            boot = SequenceBootstrap(batch.n_sequences, self.n_boot, self.level, self.boot_seed)
             for entry, key in zip(pairs, ctx.pairs):
                 entry[name] = {
                     head: {"argmax_agreement": _ratio(s["agree"], s["n"]),
+                           "argmax_agreement_ci": boot.ratio_ci(s["agree"], s["n"]),
                            "mean_kl": _ratio(s["kl"], s["n"]),
+                           "mean_kl_ci": boot.ratio_ci(s["kl"], s["n"]),
                            "n_positions": int(s["n"].sum())}
                     for head, s in pair_sums[key].items()}
             for seed, per_head in seed_sums.items():
                 seeds.setdefault(str(seed), {})[name] = {
-                    head: {"loss": _ratio(s["ce"], s["n"]), "accuracy": _ratio(s["correct"], s["n"]),
+                    head: {"loss": _ratio(s["ce"], s["n"]),
+                           "loss_ci": boot.ratio_ci(s["ce"], s["n"]),
+                           "accuracy": _ratio(s["correct"], s["n"]),
+                           "accuracy_ci": boot.ratio_ci(s["correct"], s["n"]),
                            "n_positions": int(s["n"].sum())}
                     for head, s in per_head.items()}
-        summary = {}
-        for name in batches:
             for head in readout.heads:
                 agree = [p[name][head]["argmax_agreement"] for p in pairs]
                 kls = [p[name][head]["mean_kl"] for p in pairs]
-                summary[f"{name}/{head}/min_argmax_agreement"] = min(agree)
-                summary[f"{name}/{head}/mean_argmax_agreement"] = sum(agree) / len(agree)
-                summary[f"{name}/{head}/max_mean_kl"] = max(kls)
-                summary[f"{name}/{head}/mean_mean_kl"] = sum(kls) / len(kls)
+                k = f"{name}/{head}"
+                summary[f"{k}/min_argmax_agreement"] = min(agree)
+                summary[f"{k}/mean_argmax_agreement"] = sum(agree) / len(agree)
+                summary[f"{k}/max_mean_kl"] = max(kls)
+                summary[f"{k}/mean_mean_kl"] = sum(kls) / len(kls)
+                sums = [pair_sums[key][head] for key in ctx.pairs]
+                summary[f"{k}/mean_argmax_agreement_ci"] = boot.over_pairs(
+                    [boot.ratio(x["agree"], x["n"]) for x in sums], agree)
+                summary[f"{k}/mean_mean_kl_ci"] = boot.over_pairs(
+                    [boot.ratio(x["kl"], x["n"]) for x in sums], kls)
         return {
             "definitions": {
                 "argmax_agreement": "fraction of the kept positions where both seeds' most "
@@ -158,6 +178,9 @@ class FunctionMatch(AnalysisCallback):
                 "heads": f"the {readout.name} readout: {', '.join(readout.heads)}",
                 "batches": {name: b.description for name, b in batches.items()},
                 "pair": "(a, b) as in the analysis pairs (a: the anchor with analysis.pairs=anchor)",
+                "summary": "per batch and head: min and mean over pairs; mean_*_ci resample the "
+                "pairs and the batch's sequences",
+                **INTERVAL_DEFINITION,
             },
             "heads": list(readout.heads),
             "batches": list(batches),
@@ -167,7 +190,8 @@ class FunctionMatch(AnalysisCallback):
         }
 
     def scalars(self, result: dict) -> dict[str, float]:
-        return dict(result["summary"])
+        return {k: v for k, v in result["summary"].items() if not isinstance(v, dict)
+                and v is not None}
 
     def tables(self, result: dict) -> dict[str, tuple[list[str], list[list]]]:
         rows = []
@@ -208,17 +232,21 @@ class FunctionMatch(AnalysisCallback):
             "",
             "Argmax agreement (fraction of kept positions with the same predicted class) and mean "
             "KL(p_a || p_b) per head of the family's readout, worst pair and mean over "
-            f"{len(result['pairs'])} pair(s); definitions in results.json.",
+            f"{len(result['pairs'])} pair(s) with 95% intervals over pairs and sequences; "
+            "definitions (and every pair's own interval) in results.json.",
             "",
-            "| batch | head | min argmax agreement | mean | max mean KL (nats) | mean |",
+            "| batch | head | min argmax agreement | mean [95% CI] | max mean KL (nats) | "
+            "mean [95% CI] |",
             "|---|---|---|---|---|---|",
         ]
         for name in result["batches"]:
             for head in result["heads"]:
                 k = f"{name}/{head}"
+                agree = fmt_ci(s[f"{k}/mean_argmax_agreement"],
+                               s.get(f"{k}/mean_argmax_agreement_ci"), ".4f")
+                kl = fmt_ci(s[f"{k}/mean_mean_kl"], s.get(f"{k}/mean_mean_kl_ci"), ".2e")
                 lines.append(
-                    f"| {name} | {head} | {s[f'{k}/min_argmax_agreement']:.4f} | "
-                    f"{s[f'{k}/mean_argmax_agreement']:.4f} | {s[f'{k}/max_mean_kl']:.2e} | "
-                    f"{s[f'{k}/mean_mean_kl']:.2e} |")
+                    f"| {name} | {head} | {s[f'{k}/min_argmax_agreement']:.4f} | {agree} | "
+                    f"{s[f'{k}/max_mean_kl']:.2e} | {kl} |")
         lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in figures]
         return "\n".join(lines)

@@ -4,15 +4,31 @@ Per (pair (a, b), site): every family of ``polymorph.align.maps`` fitted from se
 activations onto seed a's, scored on the scored batch (held out by default) under both EV
 definitions; the orthogonal share = EV_standard(orthogonal) / EV_standard(affine); and linear CKA
 of the two seeds' scored activations.
+
+Every EV and share has a percentile-bootstrap interval over the scored sequences (one set of
+resamples for every family, so the share's interval is that of the ratio); per-site means over
+pairs resample the pairs too. CKA is reported without an interval (it is not a function of
+per-sequence sums of a fixed size: a resample would need the full Gram matrices again).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from polymorph.align.maps import MAP_FAMILIES, fit_map, linear_cka, score_map
+from polymorph.align.maps import MAP_FAMILIES, fit_map, linear_cka
+from polymorph.align.statistics import EVSums, ev_from_sums
 from polymorph.analysis.base import AnalysisCallback
+from polymorph.analysis.intervals import (
+    INTERVAL_DEFINITION,
+    SequenceBootstrap,
+    check_n_boot,
+    error_bars,
+    mean,
+)
 from polymorph.analysis.plots import plt, save
+from polymorph.analysis.readings import fmt, fmt_ci
+
+DEFINITIONS = ("ev_standard", "ev_published")
 
 COLOURS = ["#868e96", "#1c7ed6", "#4dabf7", "#15aabf", "#f08c00", "#c92a2a"]
 
@@ -20,24 +36,62 @@ COLOURS = ["#868e96", "#1c7ed6", "#4dabf7", "#15aabf", "#f08c00", "#c92a2a"]
 class MapFamily(AnalysisCallback):
     name = "map_family"
 
-    def __init__(self, ridge: float = 0.0) -> None:
+    def __init__(self, ridge: float = 0.0, n_boot: int = 1000, level: float = 0.95,
+                 boot_seed: int = 0) -> None:
         self.ridge = float(ridge)
+        self.n_boot = check_n_boot(n_boot)
+        if not 0.0 < float(level) < 1.0:
+            raise ValueError(f"level={level} must be in (0, 1), e.g. 0.95")
+        self.level = float(level)
+        self.boot_seed = int(boot_seed)
 
     def run(self, ctx) -> dict:
         rows = []
+        groups = ctx.batches[ctx.score_batch].row_sequences()
+        boot = SequenceBootstrap(int(groups.unique().numel()), self.n_boot, self.level,
+                                 self.boot_seed)
+        reps: dict = {}
         for (a, b), site in ctx.progress(
             [(p, s) for p in ctx.pairs for s in ctx.sites], desc="map_family (pair, site)"
         ):
             src_fit, tgt_fit = ctx.acts["fit"][b][site], ctx.acts["fit"][a][site]
             src, tgt = ctx.scoring_acts(b, site), ctx.scoring_acts(a, site)
             row = {"pair": [a, b], "site": site}
+            rep: dict = {}
             for family in MAP_FAMILIES:
                 fitted = fit_map(src_fit, tgt_fit, family, ridge=self.ridge)
-                for definition, value in score_map(fitted, src, tgt).items():
-                    row[f"{family}_{definition}"] = value
+                sums = EVSums.from_rows(fitted.apply(src.double()), tgt.double(), groups)
+                rep[family] = boot.ev(sums)
+                for definition, value in ev_from_sums(sums).items():
+                    row[f"{family}_{definition}"] = float(value)
+                    row[f"{family}_{definition}_ci"] = boot.ci(rep[family][definition],
+                                                               float(value))
             row["orthogonal_share"] = row["orthogonal_ev_standard"] / row["affine_ev_standard"]
+            rep["orthogonal_share"] = (rep["orthogonal"]["ev_standard"]
+                                       / rep["affine"]["ev_standard"])
+            row["orthogonal_share_ci"] = boot.ci(rep["orthogonal_share"], row["orthogonal_share"])
             row["cka"] = linear_cka(src, tgt)
             rows.append(row)
+            reps[((a, b), site)] = rep
+        per_site = {}
+        for site in ctx.sites:
+            keys = [k for k in reps if k[1] == site]
+            site_rows = [r for r in rows if r["site"] == site]
+            if not keys:
+                continue
+            entry: dict = {"n_pairs": len(keys)}
+            for family in MAP_FAMILIES:
+                for d in DEFINITIONS:
+                    pts = [r[f"{family}_{d}"] for r in site_rows]
+                    entry[f"{family}_{d}"] = mean(pts)
+                    entry[f"{family}_{d}_ci"] = boot.over_pairs(
+                        [reps[k][family][d] for k in keys], pts)
+            pts = [r["orthogonal_share"] for r in site_rows]
+            entry["orthogonal_share"] = mean(pts)
+            entry["orthogonal_share_ci"] = boot.over_pairs(
+                [reps[k]["orthogonal_share"] for k in keys], pts)
+            entry["cka"] = mean(r["cka"] for r in site_rows)
+            per_site[site] = entry
         return {
             "definitions": {
                 "<family>_ev_standard / _ev_published": "EV of seed a's activations predicted by the "
@@ -50,21 +104,18 @@ class MapFamily(AnalysisCallback):
                 "orthogonal_share": "ev_standard(orthogonal) / ev_standard(affine): 1 means the best "
                 "general linear map adds nothing to a rotation",
                 "cka": "linear CKA of the two seeds' scored activations (1 = identical up to "
-                "rotation and isotropic scale)",
+                "rotation and isotropic scale); no interval",
+                "per_site": "means over the site's pairs; *_ci over pairs and sequences",
+                **INTERVAL_DEFINITION,
             },
             "families": list(MAP_FAMILIES),
             "rows": rows,
+            "per_site": per_site,
         }
 
     @staticmethod
     def per_site(ctx, result) -> dict:
-        out = {}
-        for site in ctx.sites:
-            rows = [r for r in result["rows"] if r["site"] == site]
-            if rows:
-                keys = [f"{f}_ev_standard" for f in result["families"]] + ["orthogonal_share", "cka"]
-                out[site] = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
-        return out
+        return result["per_site"]
 
     def figures(self, ctx, result: dict, fig_dir: Path) -> list[Path]:
         """One figure per site: held-out EV of every family, one bar per pair plus the mean."""
@@ -75,8 +126,11 @@ class MapFamily(AnalysisCallback):
             if not rows:
                 continue
             fig, ax = plt.subplots(figsize=(6.5, 3.4))
-            means = [sum(r[f"{f}_ev_standard"] for r in rows) / len(rows) for f in fams]
-            ax.bar(range(len(fams)), means, color=COLOURS[: len(fams)], alpha=0.8)
+            s = result["per_site"][site]
+            means = [s[f"{f}_ev_standard"] for f in fams]
+            cis = [s.get(f"{f}_ev_standard_ci") for f in fams]
+            ax.bar(range(len(fams)), means, yerr=error_bars(means, cis), capsize=2,
+                   color=COLOURS[: len(fams)], alpha=0.8)
             for r in rows:
                 ax.scatter(range(len(fams)), [r[f"{f}_ev_standard"] for f in fams], s=8,
                            color="black", zorder=3)
@@ -85,7 +139,8 @@ class MapFamily(AnalysisCallback):
             ax.axhline(0, color="black", lw=0.8)
             ax.set_ylim(max(-1.0, min(min(means), 0) - 0.05), 1.02)
             ax.set_ylabel(f"held-out EV (ev_standard, {ctx.score_batch})")
-            ax.set_title(f"{site}: map families, bars = mean, dots = pairs", fontsize=9)
+            ax.set_title(f"{site}: map families, bars = mean (95% intervals), dots = pairs",
+                         fontsize=9)
             paths.append(save(fig, fig_dir / f"map_family_{site}.png"))
         return paths
 
@@ -97,16 +152,18 @@ class MapFamily(AnalysisCallback):
             "",
             f"Held-out EV (ev_standard, {ctx.score_batch} batch) of seed a's activations from seed b's "
             "under each map family, fitted on the fit batch; orthogonal share = orthogonal / affine; "
-            "linear CKA. Mean over pairs. An orthogonal share near 1 says the general linear map "
+            "linear CKA (no interval). Mean over pairs, 95% intervals over pairs and sequences. An "
+            "orthogonal share near 1 says the general linear map "
             "adds nothing to the rotation; well below 1, the seeds differ by more than a rotation.",
             "",
             "| site | " + " | ".join(fams) + " | orthogonal share | CKA |",
             "|---|" + "---|" * (len(fams) + 2),
         ]
         for site, s in summary.items():
-            cells = [f"{s[f'{f}_ev_standard']:.3f}" for f in fams]
+            cells = [fmt_ci(s[f"{f}_ev_standard"], s.get(f"{f}_ev_standard_ci")) for f in fams]
             lines.append(f"| `{site}` | " + " | ".join(cells)
-                         + f" | {s['orthogonal_share']:.3f} | {s['cka']:.3f} |")
+                         + f" | {fmt_ci(s['orthogonal_share'], s.get('orthogonal_share_ci'))}"
+                         f" | {fmt(s['cka'])} |")
         lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in figures]
         return "\n".join(lines)
 

@@ -13,9 +13,15 @@ Per (configuration, site), all on the scored batch (held out unless ``analysis.s
 * self / naive / rotated / floor EV (both definitions), as in ``sae_transfer``, mean over pairs;
 * firing overlap (``sae_transfer.firing_overlap``), raw and rotated;
 * decoder universality (``align.universality.decoder_universality``: max-cosine mean,
-  fraction > 0.5, Hungarian mean), raw and rotated, with the chance level of random
-  dictionaries of the same size, and the ``sae.init_seed`` setting (a shared init plus dead
-  features inflates matches: a dead feature keeps its initial decoder row in every seed).
+  fraction > 0.5, Hungarian mean), raw and rotated, with the matched chance of the rotated
+  comparison (random dictionaries with each real dictionary's row second moment,
+  ``align.universality.matched_chance``), the isotropic value of random unit dictionaries of the
+  same size (a lower bound, not chance), and the ``sae.init_seed`` setting (a shared init plus
+  dead features inflates matches: a dead feature keeps its initial decoder row in every seed).
+
+An SAE-seed ceiling configuration (``sae_ladder=ceiling``: the analysed config with another
+``shared_init_seed``) is not a sparsity rung: ``universality`` reads it, this callback leaves it
+out and notes it.
 
 Configurations are analysed where every analysed seed has them; every missing
 (seed, configuration, site) is listed in ``missing`` (which marks the analysis partial).
@@ -27,7 +33,7 @@ import math
 from pathlib import Path
 
 from polymorph.align.metrics import EV_DEFINITIONS, explained_variance
-from polymorph.align.universality import chance_level, decoder_universality
+from polymorph.align.universality import chance_level, decoder_universality, matched_chance
 from polymorph.analysis.base import AnalysisCallback
 from polymorph.analysis.plots import COLOURS, plt, save
 from polymorph.analysis.sae_transfer import (
@@ -112,10 +118,17 @@ class Sparsity(AnalysisCallback):
 
         shared, missing = discover(ctx)
         sites = [s for s in ctx.sites if self.sites is None or s in self.sites]
+        ceilings = self._ceiling_configs(ctx, shared, sites)
+        notes = [f"{s}: {cid} differs from the analysed SAE config only in shared_init_seed "
+                 "(the SAE-seed ceiling, read by universality): not a rung of the sweep"
+                 for s, cids in ceilings.items() for cid in cids]
+        shared = {s: [c for c in ids if c not in ceilings.get(s, ())]
+                  for s, ids in shared.items()}
+        missing = [m for m in missing if m["config_id"] not in ceilings.get(m["site"], ())]
         trained = {s: set(shared[s]) | {m["config_id"] for m in missing if m["site"] == s}
                    for s in sites}  # every config any seed has at the site
         too_few = [s for s in sites if len(trained[s]) < self.min_configs]
-        notes = [
+        notes += [
             f"{s}: {len(trained[s])} SAE configuration(s), fewer than min_configs="
             f"{self.min_configs}: no sweep to analyse (train a ladder with python "
             f"train.py -m seed=... stage=sae sae_ladder=sparsity)" for s in too_few
@@ -134,7 +147,7 @@ class Sparsity(AnalysisCallback):
             entry = self._config(ctx, cid, site, saes, floors)
             d, n = int(entry["d_in"]), int(entry["d_sae"])
             if (d, n) not in chance:
-                chance[(d, n)] = chance_level(d, n, n, n_trials=self.chance_trials,
+                chance[(d, n)] = chance_level(d, n, n, n_trials=max(1, self.chance_trials),
                                               hungarian=self.hungarian).to_dict()
             configs.append(entry)
         configs.sort(key=lambda e: (sites.index(e["site"]), e["l0"]))
@@ -152,6 +165,29 @@ class Sparsity(AnalysisCallback):
             "missing": missing_text,
             "notes": notes,
         }
+
+    @staticmethod
+    def _ceiling_configs(ctx, shared: dict, sites: list[str]) -> dict[str, list[str]]:
+        """Per site, the shared config ids that equal the analysed config except for
+        shared_init_seed (the anchor's polymorph.json tells)."""
+        from polymorph.files import read_json
+
+        out: dict[str, list[str]] = {}
+        for site in sites:
+            analysed = ctx.saes.get(ctx.anchor, {}).get(site)
+            if analysed is None or not analysed.metadata.get("sae_config"):
+                continue
+            base = dict(analysed.metadata["sae_config"])
+            for cid in shared[site]:
+                meta = ctx.runs[ctx.anchor].sae_dir(site, cid) / "polymorph.json"
+                try:
+                    other = dict(read_json(meta).get("sae_config", {}))
+                except (OSError, ValueError):
+                    continue
+                if other.get("shared_init_seed") != base.get("shared_init_seed") and {
+                        **other, "shared_init_seed": base.get("shared_init_seed")} == base:
+                    out.setdefault(site, []).append(cid)
+        return out
 
     @staticmethod
     def _sae(ctx, seed: int, site: str, cid: str, load_sae):
@@ -208,6 +244,11 @@ class Sparsity(AnalysisCallback):
                 u = decoder_universality(dec_a, dec_b, rotation=rot, hungarian=self.hungarian)
                 for key in UNIV_KEYS:
                     row[f"{key}_{kind}"] = getattr(u, key)
+            if self.chance_trials:
+                chance = matched_chance(dec_a, dec_b, rotation=rotation,
+                                        n_trials=self.chance_trials, hungarian=self.hungarian)
+                for key in UNIV_KEYS:
+                    row[f"matched_chance_{key}_rotated"] = getattr(chance, key)
             pair_rows.append(row)
         entry: dict = {
             "config_id": cid,
@@ -256,8 +297,15 @@ class Sparsity(AnalysisCallback):
             "mean_max_cos / frac_above_0_5 / hungarian_mean_cos": "decoder universality of SAE a "
             "against SAE b (polymorph.align.universality): mean max cosine, fraction > 0.5, "
             "one-to-one Hungarian mean cosine; _rotated: b's decoder rotated into a's frame first",
-            "chance": "the same universality numbers for independent random unit dictionaries of the "
-            "same size (Monte Carlo)",
+            "matched_chance": "matched chance of the rotated comparison: the same universality "
+            "numbers for random dictionaries of the same shapes whose rows are drawn from each real "
+            "dictionary's row second-moment matrix (b's rotated into a's frame), "
+            "align.universality.matched_chance, mean over chance_trials",
+            "chance": "ISOTROPIC random unit dictionaries of the same size (rows uniform on the "
+            "sphere, Monte Carlo): a lower bound, not chance (trained rows live in the activation "
+            "span); kind says so",
+            "d_sae_a / d_sae_b / n_trials / effective_dim_a / effective_dim_b": "sizes, trials and "
+            "participation ratios of the chance dictionaries",
             "init_seed_setting": "the sae.init_seed mode the SAEs were trained with; shared + dead "
             "features inflates decoder matches (a dead feature keeps its initial row in every seed)",
             "pairs": "per-pair values; the configuration's numbers are means over pairs",
@@ -296,7 +344,16 @@ class Sparsity(AnalysisCallback):
                              color="#495057", label=arch, ls="-" if arch == "relu_l1" else "--")
             for c in result["chance"][:1]:
                 ax_match.axhline(c["hungarian_mean_cos"], color="#adb5bd", ls=":", lw=1,
-                                 label="Hungarian chance")
+                                 label="Hungarian, isotropic lower bound")
+            for arch in sorted({e["architecture"] for e in entries}):
+                fam = sorted((e for e in entries if e["architecture"] == arch),
+                             key=lambda e: e["l0"])
+                if all(e.get("matched_chance_hungarian_mean_cos_rotated") is not None
+                       for e in fam):
+                    ax_match.plot([max(e["l0"], 1e-2) for e in fam],
+                                  [e["matched_chance_hungarian_mean_cos_rotated"] for e in fam],
+                                  color="#7048e8", ls=":", lw=1,
+                                  label=f"Hungarian rot, matched chance ({arch})")
             init = sorted({str(e["init_seed_setting"]) for e in entries})
             short = site.replace("blocks.", "").replace("hook_resid_", "")
             for ax, title, ylabel in (
@@ -416,8 +473,17 @@ class Sparsity(AnalysisCallback):
                 f" | {e['hungarian_mean_cos_rotated']:.3f} |"
             )
         for c in result["chance"]:
-            lines += ["", f"Chance (random unit dictionaries, d={c['d_in']}, {c['d_sae']} features): "
-                      f"max-cos {c['mean_max_cos']:.3f}, Hungarian {c['hungarian_mean_cos']:.3f}."]
+            lines += ["", f"Isotropic random unit dictionaries (d={c['d_in']}, {c['d_sae']} "
+                      f"features; a lower bound, not chance): max-cos {c['mean_max_cos']:.3f}, "
+                      f"Hungarian {c['hungarian_mean_cos']:.3f}. Matched chance of each "
+                      "configuration's rotated comparison (random dictionaries with the real "
+                      "decoders' row covariance): "
+                      + ", ".join(f"{e['config_id']} at `{e['site']}` max-cos "
+                                  f"{e['matched_chance_mean_max_cos_rotated']:.3f} / Hungarian "
+                                  f"{e['matched_chance_hungarian_mean_cos_rotated']:.3f}"
+                                  for e in result["configs"]
+                                  if e.get("matched_chance_mean_max_cos_rotated") is not None)
+                      + "."]
         if result["configs"]:
             lines += ["", self.reading(result)]
         lines += [f"- {n}" for n in result.get("notes", [])]

@@ -36,14 +36,26 @@ resample shared by every condition); the means over seeds also resample the seed
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
+from scipy import stats
 
+from polymorph.align.fixed import DEFAULT_FACTOR, DEFAULT_QUANTILE, near_fixed_subspace
+from polymorph.align.haar import haar_null
 from polymorph.align.outputs import per_sequence
 from polymorph.align.transfer import transfer_vector
 from polymorph.analysis.base import AnalysisCallback
+from polymorph.analysis.intervals import (
+    INTERVAL_DEFINITION,
+    SequenceBootstrap,
+    check_margin,
+    check_n_boot,
+    error_bars,
+)
 from polymorph.analysis.plots import COLOURS, plt, save
+from polymorph.analysis.readings import fmt
 from polymorph.errors import PolymorphError
 
 REGIMES = ("clean", "partial", "inverted", "no_transfer", "none")
@@ -126,6 +138,12 @@ class Steering(AnalysisCallback):
             count; in [0, 1].
         clean_range: transfer ratios inside this range are "clean" (symmetric in log scale).
         n_boot: bootstrap resamples for the intervals (>= 100); level: their coverage.
+        fixed_subspace: measure each vector's overlap with the near-fixed subspace of the
+            rotation between the anchor and every other seed
+            (:func:`~polymorph.align.fixed.near_fixed_subspace`, thresholded at the fit's own
+            bootstrap noise over the fit batch's sequences).
+        fixed_n_boot: refits of that bootstrap (>= 2); fixed_quantile, fixed_factor: its rule.
+        null_samples: Haar draws for the expected count of free angles below the threshold.
     """
 
     name = "steering"
@@ -134,7 +152,9 @@ class Steering(AnalysisCallback):
                  alphas=(0.5, 1.0, 2.0, 4.0), random_seed: int = 0,
                  reference_alpha: float | None = None, n_sequences: int | None = None,
                  margin: float = 0.01, clean_range=(0.67, 1.5), n_boot: int = 1000,
-                 level: float = 0.95, boot_seed: int = 0) -> None:
+                 level: float = 0.95, boot_seed: int = 0, fixed_subspace: bool = True,
+                 fixed_n_boot: int = 32, fixed_quantile: float = DEFAULT_QUANTILE,
+                 fixed_factor: float = DEFAULT_FACTOR, null_samples: int = 1000) -> None:
         alphas = [float(a) for a in alphas]
         if not alphas or not all(math.isfinite(a) for a in alphas):
             raise ValueError(f"alphas must be a non-empty list of finite doses, got {alphas}")
@@ -142,15 +162,21 @@ class Steering(AnalysisCallback):
             raise ValueError(f"alphas has duplicates: {alphas}")
         if n_sequences is not None and int(n_sequences) < 1:
             raise ValueError(f"n_sequences must be None (all) or >= 1, got {n_sequences}")
-        if not 0.0 <= float(margin) <= 1.0:
-            raise ValueError(f"margin={margin} must be in [0, 1] (in the effect's units)")
+        margin = check_margin(margin)
         lo, hi = (float(x) for x in clean_range)
         if not 0 < lo <= 1 <= hi:
             raise ValueError(f"clean_range={clean_range} must be (low <= 1 <= high), low > 0")
-        if int(n_boot) < 100:
-            raise ValueError(f"n_boot={n_boot} is too few for a 95% interval: use >= 100")
+        n_boot = check_n_boot(n_boot)
         if not 0.0 < float(level) < 1.0:
             raise ValueError(f"level={level} must be in (0, 1)")
+        if int(fixed_n_boot) < 2:
+            raise ValueError(f"fixed_n_boot={fixed_n_boot} must be >= 2 (refits of the rotation "
+                             "that calibrate the near-fixed threshold; 32 by default)")
+        if not 0.0 < float(fixed_quantile) < 1.0 or float(fixed_factor) <= 0:
+            raise ValueError(f"fixed_quantile={fixed_quantile} must be in (0, 1) and "
+                             f"fixed_factor={fixed_factor} > 0")
+        if int(null_samples) < 2:
+            raise ValueError(f"null_samples={null_samples} must be >= 2")
         if getattr(vectors, "readout", None) != getattr(effect, "readout", None):
             raise ValueError(f"the vector strategy ({type(vectors).__name__}) reads "
                              f"{getattr(vectors, 'readout', None)} outputs but the effect "
@@ -165,6 +191,10 @@ class Steering(AnalysisCallback):
         self.margin = float(margin)
         self.clean_range = (lo, hi)
         self.n_boot, self.level, self.boot_seed = int(n_boot), float(level), int(boot_seed)
+        self.fixed_subspace = bool(fixed_subspace)
+        self.fixed_n_boot = int(fixed_n_boot)
+        self.fixed_quantile, self.fixed_factor = float(fixed_quantile), float(fixed_factor)
+        self.null_samples = int(null_samples)
 
     # -- computation ---------------------------------------------------------------------
 
@@ -199,6 +229,35 @@ class Steering(AnalysisCallback):
                     deltas[seed][(name, "random", i)] = dose * r
         self._moved = moved if others else {}
         return deltas
+
+    def _fixed_subspaces(self, ctx, site: str, others: list[int]) -> dict[int, dict]:
+        """Per other seed, the near-fixed subspace of the rotation between it and the anchor
+        (the same subspace in both frames: R fixes it), thresholded at the fit's own noise from
+        a bootstrap over the fit batch's sequences."""
+        groups = ctx.batches["fit"].row_sequences()
+        out = {}
+        for seed in others:
+            key = (ctx.anchor, seed, site)
+            source, target = (seed, ctx.anchor) if key in ctx.rotations else (ctx.anchor, seed)
+            rot = ctx.rotations[(target, source, site)]
+            if rot.effective_rank() < rot.d:
+                out[seed] = {"skipped": f"the activations span {rot.effective_rank()} of "
+                             f"{rot.d} directions: R is not determined on the rest, so its "
+                             "near-fixed subspace would include the fit's arbitrary completion"}
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                nfs = near_fixed_subspace(
+                    ctx.acts["fit"][source][site], ctx.acts["fit"][target][site], rot,
+                    haar_null(rot.d, rot.group, self.null_samples), n_boot=self.fixed_n_boot,
+                    seed=self.boot_seed, groups=groups, quantile=self.fixed_quantile,
+                    factor=self.fixed_factor)
+            out[seed] = {"count": nfs.count, "dim_estimate": nfs.dim_estimate,
+                         "threshold": nfs.threshold, "noise_level": nfs.step_thresholds[0][1], "expected_free": nfs.expected_free,
+                         "forced": nfs.forced, "noiseless_threshold": nfs.noiseless_threshold,
+                         "noiseless_estimate": nfs.noiseless_estimate, "d": nfs.d,
+                         "fixed_n_boot": self.fixed_n_boot, "basis": nfs.basis}
+        return out
 
     @torch.no_grad()
     def _effect_sums(self, ctx, site, batch, deltas, vectors):
@@ -241,7 +300,8 @@ class Steering(AnalysisCallback):
             return self._empty(ctx, site, batch, skipped)
         deltas = self._deltas(ctx, site, vectors)
         sums = self._effect_sums(ctx, site, batch, deltas, vectors)
-        boot = _Bootstrap(batch.n_sequences, self.n_boot, self.level, self.boot_seed)
+        boot = SequenceBootstrap(batch.n_sequences, self.n_boot, self.level, self.boot_seed)
+        fixed = self._fixed_subspaces(ctx, site, others) if self.fixed_subspace else {}
         n_alpha = len(self.alphas)
         i_ref = self.alphas.index(self.reference_alpha)
         out_vectors = {}
@@ -259,8 +319,8 @@ class Steering(AnalysisCallback):
                 "sign": vec.sign, "norm": vec.norm, "n_plus": vec.n_plus, "n_minus": vec.n_minus,
                 "n_targets": int(within[0][1].sum()),
                 "within": {"effect": w_eff, "random_effect": rw_eff,
-                           "effect_ci": [boot.ratio(x) for x in within],
-                           "random_effect_ci": [boot.ratio(x) for x in within_random]},
+                           "effect_ci": [boot.ratio_ci(*x) for x in within],
+                           "random_effect_ci": [boot.ratio_ci(*x) for x in within_random]},
                 "cross": [],
             }
             for seed in others:
@@ -270,7 +330,7 @@ class Steering(AnalysisCallback):
                     s = series(seed, kind)
                     eff[kind] = [_point(x) for x in s]
                     row[f"{kind}_effect"] = eff[kind]
-                    row[f"{kind}_effect_ci"] = [boot.ratio(x) for x in s]
+                    row[f"{kind}_effect_ci"] = [boot.ratio_ci(*x) for x in s]
                 for kind in ("raw", "rotated"):
                     regime = classify_regime(self.alphas, w_eff, eff[kind], rw_eff,
                                              eff["random"], self.reference_alpha,
@@ -283,11 +343,14 @@ class Steering(AnalysisCallback):
                         row[f"{kind}_ratio"] = [transfer_ratio(c, w)
                                                 for c, w in zip(eff[kind], w_eff)]
                         row[f"{kind}_ratio_ci"] = [
-                            boot.ratio_of_ratios(series(seed, kind)[i], within[i])
-                            for i in range(n_alpha)]
+                            None if r is None else
+                            boot.ci(boot.ratio(*series(seed, kind)[i]) / boot.ratio(*within[i]),
+                                    r) for i, r in enumerate(row[f"{kind}_ratio"])]
                 row["cos_raw_rotated"] = cosine(vec.direction,
                                                 transfer_vector(vec.direction,
                                                                 ctx.to_frame_of(seed, anchor, site)))
+                if seed in fixed and fixed[seed].get("basis") is not None:
+                    row.update(fixed_overlap(vec.direction, fixed[seed]["basis"], self.level))
                 entry["cross"].append(row)
             entry["summary"] = self._summary(entry, i_ref, boot,
                                              {s: {k: series(s, k)[i_ref] for k in CROSS_KINDS}
@@ -308,6 +371,8 @@ class Steering(AnalysisCallback):
             "clean_range": list(self.clean_range),
             "n_boot": self.n_boot,
             "level": self.level,
+            "fixed_subspaces": {str(k): {x: y for x, y in v.items() if x != "basis"}
+                                for k, v in fixed.items()},
             "vectors": out_vectors,
             "skipped": [f"{k}: {v}" for k, v in skipped.items()],
             "definitions": self._definitions(ctx, site, batch),
@@ -322,24 +387,38 @@ class Steering(AnalysisCallback):
                 "definitions": self._definitions(ctx, site, batch)}
 
     def _summary(self, entry: dict, i: int, boot, cross_sums: dict, within_sums) -> dict:
+        """Means over the other seeds at the reference alpha; intervals resample the seeds and,
+        shared by all of them, the steered sequences."""
         cross = entry["cross"]
         out = {
             "within_effect": entry["within"]["effect"][i],
             "within_effect_ci": entry["within"]["effect_ci"][i],
             "random_within_effect": entry["within"]["random_effect"][i],
+            "random_within_effect_ci": entry["within"]["random_effect_ci"][i],
             "mean_cos_raw_rotated": _mean(r["cos_raw_rotated"] for r in cross),
         }
         for kind in CROSS_KINDS:
             out[f"mean_{kind}_effect"] = _mean(r[f"{kind}_effect"][i] for r in cross)
-            out[f"mean_{kind}_effect_ci"] = boot.mean_over_seeds(
-                [cross_sums[r["seed"]][kind] for r in cross]) if cross else None
+            out[f"mean_{kind}_effect_ci"] = boot.over_pairs(
+                [boot.ratio(*cross_sums[r["seed"]][kind]) for r in cross],
+                [r[f"{kind}_effect"][i] for r in cross]) if cross else None
+        w_reps = boot.ratio(*within_sums)
         for kind in ("raw", "rotated"):
             labels = [r[f"regime_{kind}"] for r in cross]
             out[f"regime_{kind}_counts"] = {g: labels.count(g) for g in REGIMES if g in labels}
-            usable = [r for r in cross if r[f"regime_{kind}"] != "none"]
+            usable = [r for r in cross if r[f"regime_{kind}"] != "none"
+                      and r[f"{kind}_ratio"][i] is not None]
             out[f"mean_{kind}_ratio"] = _mean(r[f"{kind}_ratio"][i] for r in usable)
-            out[f"mean_{kind}_ratio_ci"] = boot.mean_ratio_over_seeds(
-                [cross_sums[r["seed"]][kind] for r in usable], within_sums) if usable else None
+            out[f"mean_{kind}_ratio_ci"] = boot.over_pairs(
+                [boot.ratio(*cross_sums[r["seed"]][kind]) / w_reps for r in usable],
+                [r[f"{kind}_ratio"][i] for r in usable]) if usable else None
+        with_fixed = [r for r in cross if r.get("fixed_overlap") is not None]
+        if with_fixed:
+            out["mean_fixed_overlap"] = _mean(r["fixed_overlap"] for r in with_fixed)
+            out["mean_fixed_overlap_random"] = _mean(r["fixed_overlap_random"]
+                                                     for r in with_fixed)
+            out["fixed_overlap_above_random"] = sum(
+                r["fixed_overlap"] > r["fixed_overlap_random_q"] for r in with_fixed)
         return out
 
     def _definitions(self, ctx, site: str, batch) -> dict:
@@ -367,9 +446,9 @@ class Steering(AnalysisCallback):
             f"max(Rc, 0) + m, unless a larger alpha beats the control and reaches W (partial); "
             f"else inverted if C/W > {hi}, clean if {lo} <= C/W <= {hi}, partial if C/W < {lo} "
             "but a larger alpha reaches W, no_transfer otherwise",
-            "*_ci": f"{self.level:.0%} percentile bootstrap interval [low, high] over the steered "
-            f"sequences ({self.n_boot} resamples, one shared by every condition); summary means "
-            "over seeds also resample the seeds",
+            "*_ci": f"{self.level:.0%} percentile bootstrap interval over the steered sequences "
+            f"({self.n_boot} resamples, one shared by every condition, "
+            "polymorph.align.statistics); summary means over seeds also resample the seeds",
             "cos_raw_rotated": "cos(v, v @ R^T): how much the raw vector already points the way "
             "the rotated one does in the other seed's frame",
             "summary": "per vector at the reference alpha: means over the other seeds (ratios "
@@ -377,9 +456,66 @@ class Steering(AnalysisCallback):
             "clean, partial, inverted, no_transfer, none": "in regime_*_counts: how many of the "
             "other seeds are in that regime",
             "norm": "||v||, in the anchor's activation units",
+            "fixed_subspaces": "per other seed: the near-fixed subspace of the rotation between "
+            "it and the anchor (align.fixed.near_fixed_subspace on the fit batch): the "
+            "directions R leaves in place, with the angle threshold set at the fit's own noise "
+            f"from {self.fixed_n_boot} refits on resampled fit-batch sequences",
+            "count": "eigen-angles of R below the threshold (the subspace's dimension)",
+            "dim_estimate": "count minus the angle forced by det and parity and minus a Haar "
+            "draw's expected free angles below the threshold (the excess over Haar)",
+            "threshold": "the angle (radians) below which a direction counts as fixed (1e-6 "
+            "when only exact zeros qualify)",
+            "noise_level": "the rule's first threshold (factor x the bootstrap quantile of the "
+            "largest noise angle of the whole rotation): the noise of its least determined "
+            "direction, an upper bound of the final threshold",
+            "expected_free": "a Haar draw's mean number of free angles below the threshold",
+            "forced": "the angle forced to 0 by det R and the parity of d (0 or 1)",
+            "noiseless_threshold / noiseless_estimate": "the noiseless rule's threshold and "
+            "estimate on the same R (calibrated on exact Haar draws, blind to fit noise)",
+            "fixed_n_boot": "refits behind the threshold",
+            "fixed_overlap": "||P v||^2 / ||v||^2, P the projector onto that seed's near-fixed "
+            "subspace: how much of the vector lies in directions both frames share",
+            "fixed_overlap_random": "its mean for a random direction, count / d",
+            "fixed_overlap_random_q": f"its {self.level:.0%} quantile for a random direction "
+            "(||P v||^2 ~ Beta(count/2, (d - count)/2))",
+            "mean_fixed_overlap / mean_fixed_overlap_random": "means over the other seeds",
+            "fixed_overlap_above_random": "other seeds where the overlap exceeds that quantile",
+            **INTERVAL_DEFINITION,
         }
 
     # -- outputs -----------------------------------------------------------------------
+
+    @staticmethod
+    def _fixed_report(result: dict) -> list[str]:
+        """The vectors' overlap with the rotations' near-fixed subspaces, read against a random
+        direction's overlap with a subspace of the same dimension."""
+        fixed = result.get("fixed_subspaces") or {}
+        if not fixed:
+            return []
+        found = {k: v for k, v in fixed.items() if "count" in v}
+        lines = ["", "Near-fixed subspace of the rotation between the anchor and each seed "
+                 "(threshold at the fit's own bootstrap noise): "
+                 + ("; ".join(f"seed {k}: {v['count']} direction(s) held in place "
+                              f"({v['forced']} forced by det and parity; angle threshold "
+                              f"{v['threshold']:.2g} rad; excess over Haar {v['dim_estimate']}, "
+                              f"noiseless rule {v['noiseless_estimate']})"
+                              for k, v in found.items()) or "none")
+                 + "".join(f"; seed {k}: {v['skipped']}" for k, v in fixed.items()
+                           if "skipped" in v) + "."]
+        for name, entry in result["vectors"].items():
+            s = entry["summary"]
+            if s.get("mean_fixed_overlap") is None:
+                continue
+            n = sum(r.get("fixed_overlap") is not None for r in entry["cross"])
+            above = s["fixed_overlap_above_random"]
+            lines.append(
+                f"- {name}: {fmt(s['mean_fixed_overlap'])} of ||v||^2 lies in the near-fixed "
+                f"subspace (mean over {n} seed(s)); a random direction gives "
+                f"{fmt(s['mean_fixed_overlap_random'])} on average: "
+                + (f"above the random {result['level']:.0%} quantile on {above} of {n} seed(s), "
+                   "so the vector leans on directions both frames share" if above else
+                   "no more than a random direction on any seed"))
+        return lines
 
     def scalars(self, result: dict) -> dict[str, float]:
         out = {}
@@ -405,17 +541,16 @@ class Steering(AnalysisCallback):
             w = entry["within"]
             for i, a in enumerate(alphas):
                 effects.append([name, result["anchor"], "within", a, w["effect"][i],
-                                *(w["effect_ci"][i] or [None, None]), None])
+                                *_lohi(w["effect_ci"][i]), None])
                 effects.append([name, result["anchor"], "within_random", a,
-                                w["random_effect"][i], *(w["random_effect_ci"][i] or [None, None]),
-                                None])
+                                w["random_effect"][i], *_lohi(w["random_effect_ci"][i]), None])
             for row in entry["cross"]:
                 for kind in CROSS_KINDS:
                     for i, a in enumerate(alphas):
                         ratio = row.get(f"{kind}_ratio", [None] * len(alphas))[i]
                         effects.append([name, row["seed"], f"cross_{kind}", a,
                                         row[f"{kind}_effect"][i],
-                                        *(row[f"{kind}_effect_ci"][i] or [None, None]), ratio])
+                                        *_lohi(row[f"{kind}_effect_ci"][i]), ratio])
                 transfer.append([name, row["seed"], row["regime_raw"], row["regime_rotated"],
                                  row["raw_ratio"][i_ref], row["rotated_ratio"][i_ref],
                                  row["cos_raw_rotated"]])
@@ -443,13 +578,15 @@ class Steering(AnalysisCallback):
                 if not rows:
                     continue
                 mean = [_mean(r[f"{kind}_effect"][i] for r in rows) for i in range(len(alphas))]
-                lo = [min(r[f"{kind}_effect_ci"][i][0] for r in rows) for i in range(len(alphas))]
-                hi = [max(r[f"{kind}_effect_ci"][i][1] for r in rows) for i in range(len(alphas))]
+                lo = [min(_lohi(r[f"{kind}_effect_ci"][i], r[f"{kind}_effect"][i])[0]
+                          for r in rows) for i in range(len(alphas))]
+                hi = [max(_lohi(r[f"{kind}_effect_ci"][i], r[f"{kind}_effect"][i])[1]
+                          for r in rows) for i in range(len(alphas))]
                 ls = ":" if kind == "random" else "-"
                 ax.plot(alphas, mean, color=colour, lw=2, marker="o", ms=3, ls=ls,
                         label=f"cross {kind}" + (" control" if kind == "random" else ""))
                 ax.fill_between(alphas, lo, hi, color=colour, alpha=0.15, lw=0)
-            ax.errorbar(alphas, w["effect"], yerr=_yerr(w["effect"], w["effect_ci"]),
+            ax.errorbar(alphas, w["effect"], yerr=error_bars(w["effect"], w["effect_ci"]),
                         color="black", lw=2, marker="o", ms=3, capsize=2, label="within")
             ax.plot(alphas, w["random_effect"], color="black", lw=1, ls="--",
                     label="within random control")
@@ -494,12 +631,14 @@ class Steering(AnalysisCallback):
 
             lines.append(
                 f"| {name} | {_ci(s['within_effect'], s['within_effect_ci'])} | "
-                f"{_f(s['random_within_effect'])} | "
+                f"{_ci(s['random_within_effect'], s.get('random_within_effect_ci'))} | "
                 f"{_ci(s['mean_raw_effect'], s['mean_raw_effect_ci'])} "
-                f"({_f(s['mean_raw_ratio'], '{:.2f}')}) | "
+                f"({_ci(s['mean_raw_ratio'], s['mean_raw_ratio_ci'], '{:.2f}')}) | "
                 f"{_ci(s['mean_rotated_effect'], s['mean_rotated_effect_ci'])} "
-                f"({_f(s['mean_rotated_ratio'], '{:.2f}')}) | {_f(s['mean_random_effect'])} | "
+                f"({_ci(s['mean_rotated_ratio'], s['mean_rotated_ratio_ci'], '{:.2f}')}) | "
+                f"{_ci(s['mean_random_effect'], s.get('mean_random_effect_ci'))} | "
                 f"{counts('raw')} | {counts('rotated')} |")
+        lines += self._fixed_report(result)
         lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in figures]
         if result["skipped"]:
             lines += ["", "Skipped: " + "; ".join(result["skipped"])]
@@ -521,56 +660,22 @@ def _ci(x, ci, fmt="{:+.3f}"):
         return "n/a"
     if not ci:
         return fmt.format(x)
-    return f"{fmt.format(x)} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+    return f"{fmt.format(x)} [{fmt.format(ci['ci_low'])}, {fmt.format(ci['ci_high'])}]"
 
 
-def _yerr(values, cis):
-    lo = [v - c[0] if c else 0.0 for v, c in zip(values, cis)]
-    hi = [c[1] - v if c else 0.0 for v, c in zip(values, cis)]
-    return [lo, hi]
+def _lohi(ci: dict | None, value: float | None = None) -> tuple:
+    """(ci_low, ci_high) of an interval dict; (value, value) without one."""
+    if not ci:
+        return value, value
+    return ci["ci_low"], ci["ci_high"]
 
 
-class _Bootstrap:
-    """Percentile bootstrap of ratio-of-sums effects over sequences (one resample shared by
-    every quantity), and over seeds for means across seeds."""
-
-    def __init__(self, n_sequences: int, n_boot: int, level: float, seed: int) -> None:
-        g0 = torch.Generator().manual_seed(seed)
-        idx = torch.randint(0, n_sequences, (n_boot, n_sequences), generator=g0)
-        self.weights = torch.zeros(n_boot, n_sequences, dtype=torch.float64).scatter_add_(
-            1, idx, torch.ones(n_boot, n_sequences, dtype=torch.float64))  # [B, S] counts
-        self.level = level
-        g = torch.Generator().manual_seed(seed + 1)
-        self._g = g
-
-    def _interval(self, samples: torch.Tensor) -> list[float] | None:
-        samples = samples[torch.isfinite(samples)]
-        if samples.numel() < 2:
-            return None
-        a = (1 - self.level) / 2
-        q = torch.quantile(samples, torch.tensor([a, 1 - a], dtype=samples.dtype))
-        return [float(q[0]), float(q[1])]
-
-    def _boot_ratio(self, pair) -> torch.Tensor:
-        num, den = pair
-        return (self.weights @ num) / (self.weights @ den)
-
-    def ratio(self, pair) -> list[float] | None:
-        return self._interval(self._boot_ratio(pair))
-
-    def ratio_of_ratios(self, cross, within) -> list[float] | None:
-        return self._interval(self._boot_ratio(cross) / self._boot_ratio(within))
-
-    def _seed_resample(self, k: int) -> torch.Tensor:
-        return torch.randint(0, k, (self.weights.shape[0], k), generator=self._g)
-
-    def mean_over_seeds(self, pairs: list) -> list[float] | None:
-        per = torch.stack([self._boot_ratio(p) for p in pairs], dim=1)  # [B, k]
-        pick = self._seed_resample(per.shape[1])
-        return self._interval(per.gather(1, pick).mean(1))
-
-    def mean_ratio_over_seeds(self, pairs: list, within) -> list[float] | None:
-        w = self._boot_ratio(within)
-        per = torch.stack([self._boot_ratio(p) / w for p in pairs], dim=1)
-        pick = self._seed_resample(per.shape[1])
-        return self._interval(per.gather(1, pick).mean(1))
+def fixed_overlap(v: torch.Tensor, basis: torch.Tensor, level: float) -> dict:
+    """The fraction of ||v||^2 in the span of ``basis`` [d, k] (orthonormal), and what a random
+    direction gives: for v uniform on the sphere, ||P v||^2 ~ Beta(k/2, (d - k)/2), mean k/d."""
+    d, k = basis.shape
+    norm2 = float(v.double().pow(2).sum())
+    overlap = float((basis.T @ v.double()).pow(2).sum()) / norm2 if norm2 > 0 else None
+    q = float(stats.beta.ppf(level, k / 2, (d - k) / 2)) if 0 < k < d else float(k == d)
+    return {"fixed_overlap": overlap, "fixed_overlap_random": k / d,
+            "fixed_overlap_random_q": q}

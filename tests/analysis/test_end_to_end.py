@@ -18,8 +18,16 @@ from tests.helpers.planted import plant_rotated_seed
 SITES = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post")
 CALLBACKS = (
     "function_match", "universality", "sae_transfer", "haar", "steering", "checkpoint_drift",
-    "map_family", "convergence",
+    "map_family", "convergence", "spliced_loss",
 )
+# The session's runs train one SAE per site: the SAE-seed ceiling of universality is missing
+# (by design the results then say so and are partial); nothing else may be.
+CEILING_MISSING = "universality: no SAE-seed ceiling"
+
+
+def only_the_ceiling_is_missing(meta: dict) -> bool:
+    return (not meta["failed"] and meta["partial"] is bool(meta["missing"])
+            and all(m.startswith(CEILING_MISSING) for m in meta["missing"]))
 
 
 def analysis_cfg(root, name="smoke", *extra):
@@ -35,7 +43,7 @@ def test_results_report_and_figures_are_written(smoke_analysis):
         assert name in on_disk, name
     meta = on_disk["meta"]
     assert meta["context"]["seeds"] == [0, 1] and meta["config"]["name"] == "smoke"
-    assert meta["partial"] is False and meta["context"]["scored_batch"] == "eval"
+    assert only_the_ceiling_is_missing(meta) and meta["context"]["scored_batch"] == "eval"
     report = (out / "report.md").read_text()
     assert "SAE transfer" in report and "Haar" in report
     figures = list((out / "figures").glob("*.png"))
@@ -133,7 +141,7 @@ def test_missing_saes_give_partial_results(smoke_runs, tmp_path):
 def test_pretrained_family_end_to_end(lm_analysis, tiny_lm):
     results, tmp_path = lm_analysis
     meta = results["meta"]
-    assert not meta["failed"] and not meta["partial"], meta
+    assert only_the_ceiling_is_missing(meta), meta
     assert set(CALLBACKS) <= set(results)  # every callback, the same ones as for the toy
     assert results["function_match"]["heads"] == ["next_token"]
     assert meta["context"]["family"] == "pretrained"

@@ -24,6 +24,11 @@ def test_dyck_heads_on_every_batch(smoke_context, tmp_path):
             v = pair[name][head]
             assert 0.0 <= v["argmax_agreement"] <= 1.0 and v["mean_kl"] >= 0.0
             assert v["n_positions"] > 0
+            for key in ("argmax_agreement", "mean_kl"):
+                ci = v[f"{key}_ci"]
+                assert ci["ci_low"] <= v[key] <= ci["ci_high"] and ci["resampled"] == "sequences"
+    assert result["summary"]["eval/tok/mean_argmax_agreement_ci"]["resampled"] == \
+        "pairs+sequences"
     assert pair["eval"]["tok"]["n_positions"] == smoke_context.batches["eval"].n_rows
     for seed in ("0", "1"):
         assert 0.0 <= result["seeds"][seed]["long"]["depth"]["accuracy"] <= 1.0

@@ -21,6 +21,14 @@ def test_map_family_reports_every_family_share_and_cka(smoke_context, tmp_path):
             row["orthogonal_ev_standard"] / row["affine_ev_standard"]
         )
         assert 0.0 <= row["cka"] <= 1.0 + 1e-9
+        for family in MAP_FAMILIES:
+            ci = row[f"{family}_ev_standard_ci"]
+            assert ci["mean"] == pytest.approx(row[f"{family}_ev_standard"])
+            assert ci["ci_low"] <= ci["ci_high"] and ci["resampled"] == "sequences"
+        share = row["orthogonal_share_ci"]  # the ratio under the same resamples
+        assert share["ci_low"] <= row["orthogonal_share"] <= share["ci_high"]
+    for site, s in result["per_site"].items():
+        assert s["orthogonal_ev_standard_ci"]["resampled"] == "pairs+sequences", site
     figures = cb.figures(smoke_context, result, tmp_path)
     assert figures and figures[0].stat().st_size > 1000
     assert "orthogonal share" in cb.report(smoke_context, result, figures)

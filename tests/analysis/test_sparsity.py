@@ -100,6 +100,10 @@ def test_callback_finds_both_configs_ordered_by_l0_with_every_metric(sparsity_re
             assert e["init_seed_setting"] == "shared" and e["init_seeds_identical"] is True
             assert len(e["pairs"]) == 1 and e["pairs"][0]["pair"] == [0, 1]
             assert abs(e["floor_ev_standard"]) < 1e-9
+            # matched chance of the rotated comparison, above the isotropic lower bound
+            iso = next(c for c in res["chance"] if c["d_sae"] == e["d_sae"])
+            assert iso["kind"] == "isotropic"
+            assert e["matched_chance_mean_max_cos_rotated"] > iso["mean_max_cos"]
     report = (out / "report.md").read_text()
     assert "## Transfer against sparsity" in report and "figures/sparsity.png" in report
     assert (out / "figures" / "sparsity.png").stat().st_size > 1000

@@ -74,6 +74,8 @@ def test_bad_arguments_are_rejected():
         dyck_steering(margin=1.5)
     with pytest.raises(ValueError, match="n_boot"):
         dyck_steering(n_boot=50)
+    with pytest.raises(ValueError, match="fixed_n_boot"):
+        dyck_steering(fixed_n_boot=1)
     with pytest.raises(ValueError, match="reads"):
         Steering(LabelContrasts(), NextTokenKL())
     assert dyck_steering(alphas=[0.5, 2.0, 4.0]).reference_alpha == 0.5
@@ -93,13 +95,18 @@ def test_every_vector_alpha_and_seed_has_its_numbers(result):
         for row in entry["cross"]:
             for kind in ("raw", "rotated", "random"):
                 assert len(row[f"{kind}_effect"]) == n
-                for value, (lo, hi) in zip(row[f"{kind}_effect"][1:], row[f"{kind}_effect_ci"][1:]):
-                    assert lo <= value + 1e-9 and value <= hi + 1e-9
+                for value, ci in zip(row[f"{kind}_effect"][1:], row[f"{kind}_effect_ci"][1:]):
+                    assert ci["ci_low"] <= value + 1e-9 and value <= ci["ci_high"] + 1e-9
+                    assert ci["mean"] == value and ci["n_boot"] == 200
             for kind in ("raw", "rotated"):
                 assert row[f"regime_{kind}"] in REGIMES
                 if row[f"regime_{kind}"] == "none":
                     assert row[f"{kind}_ratio"] == [None] * n
             assert -1.0 - 1e-9 <= row["cos_raw_rotated"] <= 1.0 + 1e-9
+            assert 0.0 <= row["fixed_overlap"] <= 1.0
+            assert row["fixed_overlap_random"] <= row["fixed_overlap_random_q"] <= 1.0
+    for seed, fixed in result["fixed_subspaces"].items():  # Haar maps: nothing held in place
+        assert fixed["dim_estimate"] == 0 and fixed["count"] <= 1, seed
 
 
 def test_alpha_zero_changes_nothing(result):
@@ -127,6 +134,33 @@ def test_planted_rotation_transfers_exactly_once_rotated(result):
             assert row["regime_rotated"] == "clean", name
     assert active > 0, "no vector moved the anchor: the planted test would be vacuous"
     assert raw_gap > 0.05, "the raw vector behaved like the rotated one under a Haar Q"
+
+
+def test_a_vector_held_in_place_by_the_rotation_is_read_as_such(smoke_context):
+    """A twin whose Q fixes the closer vector and 5 random directions (Haar on the rest): the
+    near-fixed subspace of the fitted R is those 6 directions, found at the fit's own noise,
+    and the closer vector lies in it, far above a random direction's overlap."""
+    from polymorph.align.haar import haar_orthogonal
+    from polymorph.align.span import complement_basis
+
+    vectors, _ = LabelContrasts().build(smoke_context, SITE, "fit")
+    v = vectors["closer"].direction
+    g = torch.Generator().manual_seed(0)
+    f = torch.linalg.qr(torch.cat([v[:, None], torch.randn(v.shape[0], 5, generator=g,
+                                                           dtype=torch.float64)], 1))[0]
+    c = complement_basis(f)
+    q = f @ f.T + c @ haar_orthogonal(c.shape[1], "SO", seed=1) @ c.T
+    ctx, _ = with_rotated_anchor_copy(dataclasses.replace(smoke_context, pairs=[]), PLANTED, q=q)
+    result = dyck_steering(alphas=[1.0], n_sequences=16, n_boot=100).run(ctx)
+    fixed = result["fixed_subspaces"][str(PLANTED)]
+    assert fixed["count"] == 6 and fixed["dim_estimate"] == 6, fixed
+    row = next(r for r in result["vectors"]["closer"]["cross"] if r["seed"] == PLANTED)
+    assert row["fixed_overlap"] == pytest.approx(1.0, abs=1e-6)
+    assert row["fixed_overlap_random"] == pytest.approx(6 / 64)
+    assert row["fixed_overlap"] > row["fixed_overlap_random_q"]
+    assert result["vectors"]["closer"]["summary"]["fixed_overlap_above_random"] == 1
+    text = dyck_steering().report(ctx, result, [])
+    assert "closer" in text and "leans on directions both frames share" in text
 
 
 def test_vectors_come_from_the_fit_batch_not_the_scored_one(planted_context):

@@ -111,10 +111,10 @@ def rotate_lm_residual(model, q):
     return new
 
 
-def with_rotated_anchor_copy(ctx, seed: int, q_seed: int = 7):
-    """``ctx`` plus ``seed``: the Dyck anchor with its residual stream rotated by a Haar Q
-    (same function, activations x Q), its activations and fitted rotations added. Returns
-    (context, Q)."""
+def with_rotated_anchor_copy(ctx, seed: int, q_seed: int = 7, q=None):
+    """``ctx`` plus ``seed``: the Dyck anchor with its residual stream rotated by a Haar Q (or
+    the orthogonal ``q`` given), same function, activations x Q, its activations and fitted
+    rotations added. Returns (context, Q)."""
     import dataclasses
     import warnings
 
@@ -124,7 +124,7 @@ def with_rotated_anchor_copy(ctx, seed: int, q_seed: int = 7):
 
     anchor = ctx.anchor
     d = ctx.models[anchor].cfg.d_model
-    q = haar_orthogonal(d, "O", seed=q_seed)
+    q = haar_orthogonal(d, "O", seed=q_seed) if q is None else q.double()
     model = rotate_residual_stream(ctx.models[anchor], q).eval()
     acts = {batch: {**per_seed, seed: {s: (per_seed[anchor][s].double() @ q).float()
                                        for s in ctx.sites}}
@@ -140,4 +140,57 @@ def with_rotated_anchor_copy(ctx, seed: int, q_seed: int = 7):
         rotations=rotations, pairs=[*ctx.pairs, (anchor, seed)], saes={**ctx.saes, seed: {}},
         runs={**ctx.runs, seed: ctx.runs[anchor]},
         run_configs={**ctx.run_configs, seed: ctx.run_configs[anchor]})
+    return planted, q
+
+
+def moved_sae(saved, q):
+    """A SavedSAE read from the anchor's frame into the frame x Q (its features unchanged)."""
+    import torch
+
+    from polymorph.align.procrustes import Rotation
+    from polymorph.align.transfer import transfer_sae
+    from polymorph.sae.io import SavedSAE
+
+    d = q.shape[0]
+    to_anchor = Rotation(q.T.double(), torch.zeros(d), torch.zeros(d))  # x Q -> x
+    return SavedSAE(saved.folder, transfer_sae(saved.sae, to_anchor), saved.metadata,
+                    saved.metrics)
+
+
+def with_unrelated_copy(ctx, seed: int, saes: dict, q_seed: int = 5, perm_seed: int = 0):
+    """``ctx`` plus ``seed``: a seed *unrelated* to the anchor point by point. Its activations on
+    every batch are the anchor's with the rows permuted at random (over all rows: content and
+    position both scrambled) and rotated by a Haar Q, so as a set they are the anchor's
+    distribution in another frame, but no row corresponds to the row of the same input. Its
+    SAEs are ``saes`` (site -> SavedSAE in the anchor's frame), moved into that frame. Fitted
+    rotations are added; its model is the anchor's (for callbacks that only need activations).
+    Returns (context, Q)."""
+    import dataclasses
+    import warnings
+
+    import torch
+
+    from polymorph.align.haar import haar_orthogonal
+    from polymorph.align.procrustes import fit_rotation
+
+    a = ctx.anchor
+    d = ctx.acts["fit"][a][ctx.sites[0]].shape[1]
+    q = haar_orthogonal(d, "O", seed=q_seed)
+    g = torch.Generator().manual_seed(perm_seed)
+    acts = {}
+    for batch, per_seed in ctx.acts.items():
+        perm = torch.randperm(per_seed[a][ctx.sites[0]].shape[0], generator=g)
+        acts[batch] = {**per_seed, seed: {s: (per_seed[a][s][perm].double() @ q).float()
+                                          for s in ctx.sites}}
+    rotations = dict(ctx.rotations)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for site in ctx.sites:
+            rotations[(a, seed, site)] = fit_rotation(acts["fit"][seed][site],
+                                                      acts["fit"][a][site], group=ctx.group)
+    planted = dataclasses.replace(
+        ctx, seeds=[*ctx.seeds, seed], models={**ctx.models, seed: ctx.models[a]}, acts=acts,
+        rotations=rotations, pairs=[*ctx.pairs, (a, seed)],
+        saes={**ctx.saes, seed: {s: moved_sae(v, q) for s, v in saes.items()}},
+        runs={**ctx.runs, seed: ctx.runs[a]}, run_configs={**ctx.run_configs, seed: ctx.run_configs[a]})
     return planted, q

@@ -25,7 +25,7 @@ from polymorph.tracking import build_logger, closing_wandb
 
 log = logging.getLogger(__name__)
 
-STAGES = ("all", "transformer", "sae")
+STAGES = ("all", "transformer", "sae", "shared")
 
 
 def validate_config(cfg: DictConfig, family: ModelFamily) -> None:
@@ -74,6 +74,10 @@ def job_sites(cfg: DictConfig, model) -> list[str]:
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Run one seed's job as configured; returns (metrics, objects)."""
     family = build_family(cfg)
+    if cfg.stage == "shared":  # once per experiment, across its seeds: not one seed's job
+        from polymorph.sae.shared_stage import train_shared_dictionaries
+
+        return train_shared_dictionaries(cfg, family)
     validate_config(cfg, family)
     layout = run_layout(cfg)
     layout.root.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ L0 values:
 * :func:`interpolate_at_l0`: a ladder's values (EV, dead fraction, ...) at target L0s,
   piecewise-linear in log L0 between rungs, never extrapolated beyond a small tolerance;
 * :func:`decoder_evenness`: for a crosscoder, how evenly each latent's decoder norm is spread
-  over the seeds (1: the same norm in every seed; 0: one seed only);
+  over the seeds (1: the same norm in every seed; 0: some seed does not use it);
 * :class:`FiringMoments`: per-feature Pearson correlation of two row-aligned code matrices
   (one dictionary read on two seeds' rows), accumulated chunk by chunk so neither code matrix
   is ever held whole.
@@ -83,12 +83,14 @@ def interpolate_at_l0(l0: torch.Tensor, values: torch.Tensor, targets: torch.Ten
 
 
 def decoder_evenness(norms: torch.Tensor) -> torch.Tensor:
-    """Per latent, how evenly its decoder norm is spread over the seeds: ``H(p) / log S``.
+    """Per latent, how evenly its decoder norm is spread over the seeds: ``min_s / max_s``.
 
-    ``norms`` [m, S] holds ``||W_dec[s]_i||`` (a crosscoder's ``decoder_norms()``); ``p_i`` is
-    latent i's row divided by its sum. The normalised entropy is 1 when every seed has the same
-    norm and 0 when one seed has all of it. Returns float64 [m]; NaN for a latent whose norms are
-    all zero. Needs S >= 2.
+    ``norms`` [m, S] holds ``||W_dec[s]_i||`` (a crosscoder's ``decoder_norms()``). The weakest
+    seed's norm over the strongest's is 1 when every seed has the same norm and 0 when some seed
+    does not use the latent at all; 0.5 means some seed writes it at half the strength of
+    another. (A normalised entropy of the shares would barely move near even: shares
+    0.4 / 0.3 / 0.3 still give 0.985, where this ratio gives 0.75.) Returns float64 [m]; NaN for
+    a latent whose norms are all zero. Needs S >= 2.
     """
     norms = torch.as_tensor(norms, dtype=torch.float64)
     if norms.ndim != 2 or norms.shape[1] < 2:
@@ -96,11 +98,9 @@ def decoder_evenness(norms: torch.Tensor) -> torch.Tensor:
                          f"{tuple(norms.shape)}")
     if (norms < 0).any() or not torch.isfinite(norms).all():
         raise ValueError("decoder norms must be finite and >= 0")
-    total = norms.sum(1, keepdim=True)
-    p = norms / total
-    terms = torch.where(p > 0, -p * p.log(), torch.zeros_like(p))
-    out = terms.sum(1) / math.log(norms.shape[1])
-    return torch.where(total.squeeze(1) > 0, out, torch.full_like(out, float("nan")))
+    top = norms.max(1).values
+    ratio = norms.min(1).values / top.clamp(min=1e-300)
+    return torch.where(top > 0, ratio, torch.full_like(ratio, float("nan")))
 
 
 def largest_share(norms: torch.Tensor) -> torch.Tensor:

@@ -557,9 +557,9 @@ class SharedDictionaries(AnalysisCallback):
                               "dictionary's code on the anchor's rows and on seed s's "
                               "corresponding rows (latents constant on either side left out); "
                               "mean over seeds s != anchor",
-            "decoder_evenness": "crosscoder: mean over live latents of H(p) / log S, p the "
-                                "latent's decoder norms over the S seeds divided by their sum "
-                                "(1: the same norm in every seed, 0: one seed only)",
+            "decoder_evenness": "crosscoder: mean over live latents (those firing on a scored "
+                                "row) of the weakest seed's decoder norm over the strongest's "
+                                "(1: the same norm in every seed, 0: some seed lacks the latent)",
             "seed_specific_fraction": "crosscoder: fraction of live latents whose largest seed "
                                       "share of the decoder norm exceeds seed_specific_share",
             "matched": "every method read at each target L0: per seed, linear interpolation in "

@@ -112,8 +112,8 @@ def crosscoder_metrics(crosscoder, acts: list[torch.Tensor], seeds: list[int],
                         "shared code (polymorph.align.metrics)",
             "l0": "mean over rows of the number of non-zero latents of the shared code",
             "dead_fraction": "fraction of latents zero on every row",
-            "decoder_evenness": "mean over live latents of H(p) / log S, p the latent's decoder "
-                                "norms over the seeds normalised to sum 1 (1: even, 0: one seed)",
+            "decoder_evenness": "mean over live latents of min_s / max_s of the latent's decoder "
+                                "norms over the seeds (1: even, 0: some seed lacks it)",
         },
         "evaluated_on": "the seeds' SAE-training activations (the rows it was trained on)",
     }

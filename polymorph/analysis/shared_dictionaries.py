@@ -166,9 +166,11 @@ class SharedDictionaries(AnalysisCallback):
             n = 0 if ladder is None else ladder.n_rungs
             if n >= self.min_rungs:
                 kept[method] = ladder
-            elif method != "rotated" or "own" in ladders:
+            elif method != "rotated":  # rotated reads the own ladder: its note covers both
                 what = "no" if n == 0 else f"only {n}"
-                missing.append(f"{site}: {what} {LABELS[method]} rung(s) for seeds {ctx.seeds} "
+                also = " (and so no rotated one)" if method == "own" else ""
+                missing.append(f"{site}: {what} {LABELS[method]} rung(s){also} for seeds "
+                               f"{ctx.seeds} "
                                f"(min_rungs={self.min_rungs}); train them with "
                                f"{commands[method]}")
         return kept
@@ -510,7 +512,12 @@ class SharedDictionaries(AnalysisCallback):
                 parts.append("It falls behind the " + " and the ".join(
                     f"{LABELS[m]} at {c['behind']} of {c['n']} L0(s)" for m, c in behind.items())
                     + ".")
-                if "universal" in behind:
+                own = dict(against_own).get("rotated")
+                if own is not None and own["tied"] == own["n"]:
+                    parts.append("But it ties each seed's own SAE at every L0, so that gap is the "
+                                 "single-seed SAE's (the same config trained on one seed's "
+                                 "rows), not the transfer's.")
+                elif "universal" in behind:
                     parts.append("A dictionary trained on every seed's rows in one frame "
                                  "captures there what one seed's SAE plus a rotation misses "
                                  "(features not shared up to rotation, or an SAE fitted to its "

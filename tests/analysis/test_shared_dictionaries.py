@@ -100,6 +100,7 @@ def test_planted_rotations_transfer_exactly_and_every_seed_is_reconstructed_alik
         assert point["differences"]["rotated_minus_own"]["ev_standard"]["point"] == \
             pytest.approx(0.0, abs=1e-4)
     assert "anchor's SAE rotated +0.000 to +0.000 (tied at 3 of 3)" in site["reading"]
+    assert "not the transfer's" in site["reading"] or "matches them" in site["reading"]
 
 
 def test_crosscoder_latents_spread_more_evenly_over_rotated_copies(planted, unrelated):

@@ -157,3 +157,28 @@ def test_seeds_without_finished_runs_are_named_with_the_command_that_trains_them
     message = str(err.value)
     assert "\n" not in message and "seeds [5, 6] have no finished run" in message
     assert f"python train.py -m name={NAME} seed=5,6" in message
+
+
+def test_the_stage_runs_on_pretrained_checkpoints(lm_runs, tiny_lm, tmp_path):
+    """The same stage through family=pretrained (tiny GPT-NeoX seeds 1 and 2): the fit batch is
+    the preset's corpus slice, disjoint from the SAE windows."""
+    from polymorph.pipeline import train
+    from tests.helpers.config import tiny_lm_overrides
+
+    root, _ = lm_runs
+    shutil.copytree(root / tiny_lm["name"], tmp_path / tiny_lm["name"])
+    common = ["stage=shared", "shared.min_rungs=1"]
+    train(compose(tiny_lm_overrides(tiny_lm, tmp_path, *common, "shared=universal",
+                                    "shared.fit_batch.seq_len=32", "shared.fit_batch.offset=64")))
+    train(compose(tiny_lm_overrides(tiny_lm, tmp_path, *common, "shared=crosscoder",
+                                    "shared.rungs=[{k:4}]")))
+    layout = SharedLayout.for_experiment(tmp_path / tiny_lm["name"])
+    for site in tiny_lm["sites"]:
+        (universal,) = layout.cohorts(site, "universal")
+        record = read_cohort(universal / "cohort.json")
+        assert record["seeds"] == [1, 2] and record["consensus"]["is_pairwise"] is True
+        assert record["fit_batch_spec"]["offset"] == 64 and record["activations_spec"]["offset"] == 0
+        assert len(layout.dictionaries(universal, "universal")) == 1
+        (crosscoder,) = layout.cohorts(site, "crosscoder")
+        assert len(layout.dictionaries(crosscoder, "crosscoder")) == 1
+

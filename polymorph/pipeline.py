@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STAGES = ("all", "transformer", "sae")
+STAGES = ("all", "transformer", "sae", "shared")
 
 
 def check_job_config(cfg: DictConfig) -> None:
@@ -148,6 +148,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
     quiet_libraries()
     family = build_family(cfg)
+    if cfg.stage == "shared":  # once per experiment, across its seeds: not one seed's job
+        from polymorph.sae.shared_stage import train_shared_dictionaries
+
+        return train_shared_dictionaries(cfg, family)
     ablation = validate_config(cfg, family)
     layout = RunLayout.in_folder(ablation.runs_dir(output_root(cfg)), int(cfg.seed))
     if not cfg.get("retrain"):

@@ -105,3 +105,14 @@ def lm_analysis(lm_runs, tiny_lm, tmp_path_factory):
         analysis=True), config_name="analyze")
     results, _ = analyze(cfg, show_progress=False)
     return results, out
+
+
+@pytest.fixture(scope="session")
+def shared_runs(tmp_path_factory):
+    """Three smoke seeds with a TopK ladder at one site, and a universal SAE and a crosscoder
+    ladder over them (``stage=shared``; tests/helpers/shared.py): the output root."""
+    from tests.helpers.shared import build_experiment
+
+    root = tmp_path_factory.mktemp("shared_outputs")
+    build_experiment(root)
+    return root

@@ -12,7 +12,8 @@ import re
 import pytest
 
 DYCK_CALLBACKS = ("function_match", "universality", "sae_transfer", "haar", "steering",
-                  "checkpoint_drift", "map_family", "convergence", "sparsity", "spliced_loss")
+                  "checkpoint_drift", "map_family", "convergence", "sparsity", "spliced_loss",
+                  "shared_dictionaries")
 LM_CALLBACKS = DYCK_CALLBACKS
 
 # Keys that index results (which pair, site, step, seed ...) rather than measure anything.

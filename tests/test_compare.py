@@ -191,4 +191,8 @@ def test_saving_without_credentials_says_how_to_log_in(tmp_path, monkeypatch):
     report = build_report(data, "", project="polymorph")
     with pytest.raises(PolymorphError, match="wandb login"):
         save_report(report)
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password abc123\n")
+    from polymorph.reports.wandb_report import has_credentials
+
+    assert has_credentials()  # where `wandb login` writes the key
     assert panel_metrics(data) == {} and report_spec(report)["entity"] == "offline"

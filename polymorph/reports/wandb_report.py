@@ -122,12 +122,30 @@ def panel_keys(spec: dict) -> list[str]:
     return out
 
 
+def has_credentials() -> bool:
+    """Whether a W&B API key is configured, where ``wandb login`` puts one (the environment, or
+    the netrc file of the W&B host), checked without prompting, asking the server or starting
+    W&B's global state."""
+    import netrc
+    import os
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host or "api.wandb.ai")
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
 def save_report(report) -> str:
     """Save the report to W&B and return its URL; a clear line when not logged in."""
     import wandb
 
-    # finds a key in the environment or ~/.netrc without prompting or asking the server
-    if not wandb.login(prompt=False, verify=False):
+    if not has_credentials():
         raise PolymorphError(
             "saving a W&B report needs a W&B account: run `wandb login` (or set WANDB_API_KEY), "
             "upload the offline runs with `wandb sync <outputs>/**/offline-run-*`, then rerun; "

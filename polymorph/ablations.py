@@ -329,8 +329,11 @@ def _name_groups(diff: dict[str, Any], base: dict[str, Any]) -> dict[str, str]:
                 best, explained = option, hits
         if best is not None:
             named[group] = best
+            # keys only the preset's option has are gone because the option changed
+            theirs = dict(options[best])
+            explained |= {k for k in chosen if k not in theirs and mine.get(k) == MISSING}
             for key in explained:
-                rest.pop(key)
+                rest.pop(key, None)
     dropped = [k for k, v in rest.items() if v == MISSING]
     for prefix in _dropped_subtrees(dropped, base):
         named[f"~{prefix}"] = ""

@@ -7,7 +7,7 @@ import time
 
 from polymorph.layout import RunLayout
 from polymorph.pipeline import train
-from tests.conftest import compose
+from tests.helpers.config import compose
 
 
 def test_offline_wandb_run_holds_the_metrics(tmp_path, monkeypatch):

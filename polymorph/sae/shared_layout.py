@@ -22,6 +22,7 @@ inside one (``python train.py stage=shared shared=<method>`` writes it once per 
                                             (polymorph.sae.crosscoder_io), metrics inside the
                                             cfg's metadata
       logs/                                 the stage's W&B / CSV logs
+      .lock                                 held while a stage runs (one at a time)
 
 A cohort id is ``seeds_<s1>-<s2>-...-<hash>``: the hash covers everything that defines the
 training rows (the seeds, a fingerprint of each seed's finished run, the activation batch and,

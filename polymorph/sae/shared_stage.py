@@ -51,7 +51,12 @@ from polymorph.errors import PolymorphError
 from polymorph.files import parse_dtype
 from polymorph.instantiation import build
 from polymorph.layout import RunLayout
+<<<<<<< HEAD
 from polymorph.runs import finished_runs, runs_dir
+=======
+from polymorph.locks import file_lock
+from polymorph.runs import experiment_dir, finished_runs, output_root
+>>>>>>> i16
 from polymorph.sae.cache import cached_activations
 from polymorph.sae.config import config_id, resolve_init_seed
 from polymorph.sae.crosscoder_config import crosscoder_config_id
@@ -108,7 +113,9 @@ def train_shared_dictionaries(cfg: DictConfig, family) -> tuple[dict, dict]:
         notes.append(PAIRWISE_NOTE.format(n=len(seeds)))
         log.warning(notes[-1])
     objects: dict = {"layout": layout, "seeds": seeds, "family": family, "notes": notes}
-    with closing_wandb():
+    # one stage at a time per experiment: a second job (e.g. a sweep that repeats the command)
+    # waits, then finds the dictionaries finished and reuses them
+    with closing_wandb(), file_lock(layout.root / ".lock"):
         logger = build_logger(cfg.get("logger"), layout.logs, f"shared/{settings.method}",
                               "shared")
         stage = _Stage(cfg, family, settings, runs, exp, layout, logger, progress)

@@ -35,22 +35,20 @@ def stamps(layout: RunLayout) -> dict:
 
 @pytest.fixture(scope="module")
 def sequence(tmp_path_factory):
-    """Default sweep, then io=shared, then sae.expansion=32, reruns, analyses, comparison."""
+    """Default sweep and io=shared, then sae.expansion=32 on both (a rerun of every transformer
+    run), analyses, comparison and report: one multirun per move, as a researcher types it."""
     root = tmp_path_factory.mktemp("ablations")
     common = ["experiment=smoke", f"paths.root={root}"]
     out: dict = {"root": root, "common": common}
-    run("train.py", "-m", "seed=0..1", *common, env=OFFLINE)
-    run("train.py", "-m", "seed=0..1", *common, "io=shared", env=OFFLINE)
-    plain = find_seed_runs(root, "smoke")
-    out["plain_before"] = {s: stamps(r) for s, r in plain.items()}
-    out["x32"] = run("train.py", "-m", "seed=0..1", *common, "sae.expansion=32", env=OFFLINE)
-    shared = find_seed_runs(root, "smoke", "io=shared")
-    out["shared_before"] = {s: stamps(r) for s, r in shared.items()}
-    out["rerun"] = run("train.py", "-m", "seed=0..1", *common, "io=shared", env=OFFLINE)
-    run("analyze.py", "-m", *common, "io=independent,shared", *ANALYSIS, env=OFFLINE)
-    run("analyze.py", *common, "sae.expansion=32", *ANALYSIS, env=OFFLINE)
+    run("train.py", "-m", "seed=0..1", "io=independent,shared", *common, env=OFFLINE)
+    out["plain_before"] = {s: stamps(r) for s, r in find_seed_runs(root, "smoke").items()}
+    out["shared_before"] = {s: stamps(r)
+                            for s, r in find_seed_runs(root, "smoke", "io=shared").items()}
+    out["rerun"] = run("train.py", "-m", "seed=0..1", "io=independent,shared",
+                       "sae.expansion=32", *common, env=OFFLINE)
+    run("analyze.py", "-m", *common, "io=independent,shared", "sae.expansion=8,32", *ANALYSIS,
+        env=OFFLINE)
     ablations = "ablations=[io=independent,io=shared,sae.expansion=32]"
-    run("compare.py", *common, *ANALYSIS, ablations, env=OFFLINE)
     out["report"] = run("report.py", *common, *ANALYSIS, ablations, "--dry-run", env=OFFLINE)
     return out
 
@@ -69,7 +67,7 @@ def test_each_ablation_has_its_own_folder_and_the_sae_ablation_trains_no_transfo
             assert len(ids) == 2
             assert any("-x32-" in i for i in ids) and any("-x8-" in i for i in ids)
     assert not (root / "smoke" / "sae.expansion=32" / "seed=0").exists()
-    assert "reused" in sequence["x32"].stdout
+    assert "reused" in sequence["rerun"].stdout
     # the io=shared cohort's anchor is its own: the shared embedding differs from the plain one
     from safetensors.torch import load_file
 
@@ -82,15 +80,15 @@ def test_a_rerun_of_an_ablation_reuses_its_runs(sequence):
     shared = find_seed_runs(sequence["root"], "smoke", "io=shared")
     for seed, layout in shared.items():
         assert stamps(layout) == sequence["shared_before"][seed]
-    assert sequence["rerun"].stdout.count("reused in ") == 2
+    assert sequence["rerun"].stdout.count("reused in ") == 4  # 2 seeds x 2 cohorts
 
 
 def test_each_ablation_is_analysed_in_its_own_folder_and_compared_in_one_table(sequence):
     exp = sequence["root"] / "smoke"
     # the analysis keys (smaller nulls) are part of each folder name, common to all three
     found = sorted(p.parent.relative_to(exp).as_posix() for p in exp.rglob("results.json"))
-    assert len(found) == 3 and sum(f.startswith("io=shared/") for f in found) == 1
-    assert sum("sae.expansion=32" in f for f in found) == 1
+    assert len(found) == 4 and sum(f.startswith("io=shared/") for f in found) == 2
+    assert sum("sae.expansion=32" in f for f in found) == 2
     comparison = json.loads((exp / "comparison" / "comparison.json").read_text())
     assert [a["name"] for a in comparison["ablations"]] == ["smoke preset", "io=shared",
                                                            "sae.expansion=32"]

@@ -51,12 +51,8 @@ from polymorph.errors import PolymorphError
 from polymorph.files import parse_dtype
 from polymorph.instantiation import build
 from polymorph.layout import RunLayout
-<<<<<<< HEAD
-from polymorph.runs import finished_runs, runs_dir
-=======
 from polymorph.locks import file_lock
-from polymorph.runs import experiment_dir, finished_runs, output_root
->>>>>>> i16
+from polymorph.runs import finished_runs, runs_dir
 from polymorph.sae.cache import cached_activations
 from polymorph.sae.config import config_id, resolve_init_seed
 from polymorph.sae.crosscoder_config import crosscoder_config_id

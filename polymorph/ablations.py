@@ -376,19 +376,15 @@ def _identity_leaves(identity: dict[str, Any]) -> dict[str, Any]:
             if not any(k == p or k.startswith(p + ".") for p in PRESENTATION_KEYS)}
 
 
-def derive(cfg: DictConfig, family=None, preset: str | None = None,
+def derive(cfg: DictConfig, family, preset: str | None = None,
            for_analysis: bool = False) -> Ablation:
     """The ablation of a job's config (see the module docstring).
 
-    ``family`` is the job's :class:`~polymorph.families.base.ModelFamily` (built from ``cfg``
-    when None); ``preset`` the experiment preset to compare against (found from the running
+    ``family`` is the job's :class:`~polymorph.families.base.ModelFamily` (its ``identity``
+    says which keys define a run); ``preset`` the experiment preset to compare against (found from the running
     Hydra app or ``cfg.name`` when None); ``for_analysis``: ``cfg`` is an analysis config
     (analyze.yaml), whose analysis keys count too.
     """
-    if family is None:
-        from polymorph.families import build_family
-
-        family = build_family(cfg)
     experiment = str(cfg.name)
     preset = preset or preset_choice(cfg)
     if preset is None:

@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 
 from polymorph.ablations import Ablation, compose_config, derive, preset_choice
 from polymorph.errors import PolymorphError
+from polymorph.families import build_family
 from polymorph.files import atomic_write_json, atomic_write_text, read_json
 from polymorph.headline import Headline, headlines, parse_specs
 from polymorph.layout import ANALYSIS_DIR, COMPARISON_DIR, find_seed_runs
@@ -104,7 +105,7 @@ def collect(cfg: DictConfig, base_overrides: list[str]) -> list[Row]:
         except Exception as err:  # noqa: BLE001 - Hydra's own message, made one line
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise PolymorphError(f"ablation '{entry}' does not compose: {first}") from None
-        ablation = derive(job, preset=preset, for_analysis=True)
+        ablation = derive(job, build_family(job), preset=preset, for_analysis=True)
         root = output_root(job)
         if ablation.label in rows:
             rows[ablation.label].requested.append(str(entry))

@@ -46,17 +46,17 @@ def experiment_dir(cfg: DictConfig) -> Path:
     return output_root(cfg) / str(cfg.name)
 
 
-def ablation(cfg: DictConfig, family=None, for_analysis: bool = False) -> Ablation:
+def ablation(cfg: DictConfig, family, for_analysis: bool = False) -> Ablation:
     """The ablation a job's config belongs to (:func:`polymorph.ablations.derive`)."""
     return derive(cfg, family, for_analysis=for_analysis)
 
 
-def runs_dir(cfg: DictConfig, family=None) -> Path:
+def runs_dir(cfg: DictConfig, family) -> Path:
     """The folder holding the ``seed=<N>/`` runs of this config's ablation."""
     return ablation(cfg, family).runs_dir(output_root(cfg))
 
 
-def run_layout(cfg: DictConfig, seed: int | None = None, family=None) -> RunLayout:
+def run_layout(cfg: DictConfig, family, seed: int | None = None) -> RunLayout:
     """The run folder of ``seed`` (default ``cfg.seed``) in this config's ablation."""
     return RunLayout.in_folder(runs_dir(cfg, family), int(cfg.seed if seed is None else seed))
 

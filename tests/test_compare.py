@@ -10,6 +10,7 @@ import pytest
 from polymorph.ablations import derive
 from polymorph.compare import compare
 from polymorph.errors import PolymorphError
+from polymorph.families import build_family
 from polymorph.files import atomic_write_json
 from polymorph.headline import HeadlineSpec, extract, parse_specs
 from polymorph.layout import ANALYSIS_DIR
@@ -100,7 +101,7 @@ def planted_results(seeds, ev: float, ci: tuple | None) -> dict:
 
 def plant(root, overrides, results):
     cfg = compose(["experiment=smoke", f"paths.root={root}", *overrides], config_name="analyze")
-    folder = derive(cfg, for_analysis=True).folder(root) / ANALYSIS_DIR
+    folder = derive(cfg, build_family(cfg), for_analysis=True).folder(root) / ANALYSIS_DIR
     atomic_write_json(folder / "results.json", results)
     return folder
 

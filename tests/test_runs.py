@@ -6,20 +6,27 @@ import pytest
 
 from polymorph.ablations import Ablation, chain, derive, folder_value
 from polymorph.errors import PolymorphError
+from polymorph.families import build_family
 from polymorph.runs import check_matches_saved, finished_runs, run_layout
 from tests.helpers.config import compose
+
+
+def layout_of(overrides):
+    cfg = compose(overrides)
+    return run_layout(cfg, build_family(cfg))
 
 
 def ablation(*overrides: str, analysis: bool = False, preset: str = "smoke") -> Ablation:
     cfg = compose([f"experiment={preset}", *overrides],
                   config_name="analyze" if analysis else "train")
-    return derive(cfg, for_analysis=analysis)
+    return derive(cfg, build_family(cfg), for_analysis=analysis)
 
 
 def test_the_plain_preset_has_no_keys_and_keeps_the_classic_folder(tmp_path):
     a = ablation()
     assert a.label == "" and a.display == "smoke preset"
-    layout = run_layout(compose(["experiment=smoke", f"paths.root={tmp_path}", "seed=3"]))
+    cfg = compose(["experiment=smoke", f"paths.root={tmp_path}", "seed=3"])
+    layout = run_layout(cfg, build_family(cfg))
     assert layout.root == tmp_path / "smoke" / "seed=3"
 
 
@@ -106,10 +113,10 @@ def test_two_different_ablations_never_share_a_folder(tmp_path):
     root = [f"paths.root={tmp_path}", "experiment=smoke"]
     configs = [[], ["io=shared"], ["model.d_mlp=128"], ["io=shared", "model.d_mlp=128"],
                ["training.lr=0.01"], ["training.lr=0.02"], ["data.batch_size=16"]]
-    folders = [run_layout(compose(root + c)).root for c in configs]
+    folders = [layout_of(root + c).root for c in configs]
     assert len(set(folders)) == len(folders)
     # and the same ablation spelt another way, or rerun, reuses its folder
-    assert run_layout(compose(root + ["io.mode=shared"])).root == folders[1]
+    assert layout_of(root + ["io.mode=shared"]).root == folders[1]
 
 
 def test_other_sae_activations_get_runs_of_their_own():
@@ -144,7 +151,7 @@ def test_the_saved_config_guard_names_the_differing_keys(tmp_path):
     from polymorph.files import atomic_write_text
 
     cfg = compose(["experiment=smoke", f"paths.root={tmp_path}", "name=mine"])
-    layout = run_layout(cfg)
+    layout = run_layout(cfg, build_family(cfg))
     layout.root.mkdir(parents=True)
     atomic_write_text(layout.config, OmegaConf.to_yaml(cfg, resolve=True))
     check_matches_saved(DyckFamily().identity, cfg, layout)  # its own config: fine

@@ -38,6 +38,7 @@ def analysis_dir(cfg: DictConfig, family: ModelFamily | None = None) -> Path:
     config's ablation (``outputs/<experiment>/<ablation keys>/analysis/``)."""
     if cfg.analysis.get("output_dir"):
         return Path(str(cfg.analysis.output_dir))
+    family = family or build_family(cfg)
     return ablation_of(cfg, family, for_analysis=True).folder(output_root(cfg)) / ANALYSIS_DIR
 
 

@@ -135,7 +135,7 @@ class DyckFamily(ModelFamily):
         OmegaConf.set_struct(anchor_cfg, False)
         anchor_cfg.seed = int(cfg.io.anchor_seed)
         anchor_cfg.retrain = False
-        anchor = run_layout(anchor_cfg)
+        anchor = run_layout(anchor_cfg, self)
         anchor.root.mkdir(parents=True, exist_ok=True)
         with file_lock(anchor.lock):
             if anchor.config.is_file():

@@ -103,7 +103,7 @@ class SharedDictionaries(AnalysisCallback):
                  tie_margin: float = 0.01, seed_specific_share: float = 0.9,
                  sae_architecture: str | None = None,
                  crosscoder_architecture: str | None = None, eval_batch=None,
-                 batch_size: int = 4096) -> None:
+                 batch_size: int = 4096, downstream_sequences: int | None = 64) -> None:
         if int(min_rungs) < 1:
             raise ValueError(f"min_rungs={min_rungs} must be >= 1")
         if l0_targets is not None and (not list(l0_targets)
@@ -122,6 +122,12 @@ class SharedDictionaries(AnalysisCallback):
         self.crosscoder_architecture = crosscoder_architecture
         self.eval_batch = eval_batch
         self.batch_size = int(batch_size)
+        if downstream_sequences is not None and int(downstream_sequences) < 1:
+            raise ValueError(f"downstream_sequences={downstream_sequences} must be null (no "
+                             "spliced-in loss) or >= 1")
+        self.downstream_sequences = (None if downstream_sequences is None
+                                     else int(downstream_sequences))
+        self._baselines: dict = {}
 
     # ------------------------------------------------------------------ run
 
@@ -221,6 +227,10 @@ class SharedDictionaries(AnalysisCallback):
                                                   groups, ref if s != ctx.anchor else None)
                             for s in seeds}
                 extra = {}
+            for seed, score in per_seed.items():
+                recon = score.pop("recon", None)
+                if recon is not None and self.downstream_sequences is not None:
+                    score["loss_recovered"] = self._recovered(ctx, site, seed, recon)
             for score in per_seed.values():
                 sums = score.pop("sums")
                 score["ev"] = {k: float(v) for k, v in ev_from_sums(sums).items()}
@@ -262,7 +272,7 @@ class SharedDictionaries(AnalysisCallback):
                     ref_codes = ref_reader.encode(x_ref[start:stop].to(ref_reader.dtype))
                 moments.update(ref_codes.float(), codes)
         score = {"l0": active / x.shape[0], "dead_fraction": float((fires == 0).double().mean()),
-                 "sums": EVSums.from_rows(x_hat, x, groups)}
+                 "sums": EVSums.from_rows(x_hat, x, groups), "recon": x_hat}
         if moments is not None:
             score["firing_overlap"], score["n_features_compared"] = moments.mean_correlation()
         return score
@@ -286,7 +296,7 @@ class SharedDictionaries(AnalysisCallback):
         n = xs[0].shape[0]
         l0, dead = active / n, float((fires == 0).double().mean())
         per_seed = {s: {"l0": l0, "dead_fraction": dead,
-                        "sums": EVSums.from_rows(x_hats[i], xs[i], groups)}
+                        "sums": EVSums.from_rows(x_hats[i], xs[i], groups), "recon": x_hats[i]}
                     for i, s in enumerate(order)}
         live = fires > 0
         norms = cc.decoder_norms()
@@ -298,6 +308,28 @@ class SharedDictionaries(AnalysisCallback):
             if live.any() else float("nan"),
         }
         return per_seed, extra
+
+    def _recovered(self, ctx, site: str, seed: int, recon: torch.Tensor) -> float:
+        """Fraction of loss recovered with ``recon`` (seed's scored rows as a dictionary
+        reconstructs them) spliced in at ``site``, on the first ``downstream_sequences`` scored
+        sequences: (L_abl - L_sae) / (L_abl - L_clean), L summed over the readout's heads, the
+        ablation replacing the site by the seed's mean activation."""
+        from polymorph.analysis.downstream import spliced_loss_sums
+
+        batch = ctx.batches[ctx.score_batch].head(self.downstream_sequences)
+        model = ctx.models[seed]
+        key = (seed, site)
+        if key not in self._baselines:
+            mean = ctx.scoring_acts(seed, site).double().mean(0).float()
+            abl = spliced_loss_sums(ctx, model, site, lambda x: mean.expand_as(x).clone(), batch)
+            self._baselines[key] = (
+                sum(float(v["ce_clean"].sum()) for v in abl.values()),
+                sum(float(v["ce"].sum()) for v in abl.values()))
+        clean, ablated = self._baselines[key]
+        sae = spliced_loss_sums(ctx, model, site, _RowsInOrder(recon[: batch.n_rows]), batch)
+        spliced = sum(float(v["ce"].sum()) for v in sae.values())
+        gap = ablated - clean
+        return (ablated - spliced) / gap if gap > 1e-9 * max(abs(ablated), 1.0) else float("nan")
 
     def reconstruction(self, ctx, site: str, ladder: Ladder, rung, seed: int) -> torch.Tensor:
         """Seed ``seed``'s scored rows as ``ladder``'s rung reconstructs them, in seed's own
@@ -344,9 +376,10 @@ class SharedDictionaries(AnalysisCallback):
                                                            for r in usable], dim=-1))
         out["dead_fraction"] = along(torch.tensor([r["seeds"][seed]["dead_fraction"]
                                                    for r in usable]))
-        if "firing_overlap" in usable[0]["seeds"][seed]:
-            out["firing_overlap"] = along(torch.tensor(
-                [_nan(r["seeds"][seed].get("firing_overlap")) for r in usable]))
+        for key in ("firing_overlap", "loss_recovered"):
+            if key in usable[0]["seeds"][seed]:
+                out[key] = along(torch.tensor([_nan(r["seeds"][seed].get(key))
+                                               for r in usable]))
         for key in ("decoder_evenness", "seed_specific_fraction"):
             if key in usable[0]:
                 out[key] = along(torch.tensor([_nan(r[key]) for r in usable]))
@@ -388,7 +421,7 @@ class SharedDictionaries(AnalysisCallback):
             out[definition] = bootstrap_ci(reps.mean(0), float(points.mean()),
                                            self.level).to_dict()
         for key in ("dead_fraction", "firing_overlap", "decoder_evenness",
-                    "seed_specific_fraction"):
+                    "seed_specific_fraction", "loss_recovered"):
             vals = [float(c[key][0]) for c in per_seed.values() if key in c]
             vals = [v for v in vals if math.isfinite(v)]
             if vals:
@@ -422,15 +455,16 @@ class SharedDictionaries(AnalysisCallback):
                    "dead_fraction": _mean(v["dead_fraction"] for v in per_seed.values())}
             for definition in DEFINITIONS:
                 row[definition] = _mean(v["ev"][definition] for v in per_seed.values())
-            overlaps = [v["firing_overlap"] for v in per_seed.values() if "firing_overlap" in v]
-            if overlaps:
-                row["firing_overlap"] = _mean(overlaps)
+            for key in ("firing_overlap", "loss_recovered"):
+                vals = [v[key] for v in per_seed.values() if key in v]
+                if vals:
+                    row[key] = _mean(vals)
             for key in ("decoder_evenness", "seed_specific_fraction"):
                 if key in item:
                     row[key] = item[key]
             row["per_seed"] = {
                 str(s): {k: v[k] for k in ("l0", "dead_fraction", "firing_overlap",
-                                           "n_features_compared") if k in v}
+                                           "n_features_compared", "loss_recovered") if k in v}
                 | {d: v["ev"][d] for d in DEFINITIONS}
                 for s, v in per_seed.items()}
             rungs.append(row)
@@ -560,6 +594,13 @@ class SharedDictionaries(AnalysisCallback):
                           "rung unless analysis.callbacks.shared_dictionaries.l0_targets is set",
             "dead_fraction": "fraction of latents zero on every scored row of the seed (at a "
                              "matched point: interpolated per seed, mean over seeds)",
+            "loss_recovered": "fraction of the model's loss recovered with the dictionary's "
+                              "reconstruction of seed s spliced in at the site, on the first "
+                              f"{self.downstream_sequences} scored sequences: (L_abl - L_sae) / "
+                              "(L_abl - L_clean), L the summed per-head cross-entropy (next-token "
+                              "for language models), L_abl with the site replaced by seed s's "
+                              "mean activation; mean over seeds; null where the ablation does "
+                              "not raise the loss",
             "firing_overlap": "mean over latents of the Pearson correlation (over rows) of the "
                               "dictionary's code on the anchor's rows and on seed s's "
                               "corresponding rows (latents constant on either side left out); "
@@ -739,3 +780,19 @@ def _nan(value) -> float:
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3g}"
+
+
+class _RowsInOrder:
+    """A replacement that puts back precomputed rows, chunk after chunk, in activation-row
+    order (the splice visits the chunks of a batch in order, once each)."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows, self.cursor = rows, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        stop = self.cursor + x.shape[0]
+        if stop > self.rows.shape[0]:
+            raise ValueError(f"precomputed rows run out at {stop} > {self.rows.shape[0]}")
+        out = self.rows[self.cursor:stop].to(x.device, x.dtype)
+        self.cursor = stop
+        return out

@@ -90,6 +90,9 @@ def test_planted_rotations_transfer_exactly_and_every_seed_is_reconstructed_alik
             assert value["ev_standard"] == pytest.approx(own[rung["config_id"]][seed]
                                                          ["ev_standard"], abs=1e-4)
             assert value["firing_overlap"] > 0.999
+            # the rotated copy computes the same function: the spliced-in loss agrees too
+            assert value["loss_recovered"] == pytest.approx(
+                own[rung["config_id"]][seed]["loss_recovered"], abs=1e-3)
     for rung in site["methods"]["universal"]["rungs"]:
         evs = [v["ev_standard"] for v in rung["per_seed"].values()]
         assert max(evs) - min(evs) < 1e-4, rung  # the consensus maps undo the rotations

@@ -34,8 +34,9 @@ sys.path.insert(0, str(REPO))
 
 
 def build_pythia70m_shaped(folder: Path):
-    from tests.helpers.tiny_lm import build_tokenizer
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from tests.helpers.tiny_lm import build_tokenizer
 
     tok = build_tokenizer(folder / "step143000")
     config = GPTNeoXConfig(

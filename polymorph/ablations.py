@@ -272,14 +272,22 @@ def _follow_interpolations(diff: dict[str, Any], raw: dict[str, Any], cfg: DictC
     """Name a value that only follows an interpolation by the key it follows."""
     out: dict[str, Any] = {}
     for key, value in diff.items():
-        text = raw.get(key)
-        refs = _INTERPOLATION.findall(text) if isinstance(text, str) else []
-        followed = {ref: _select(cfg, ref) for ref in refs}
-        moved = {ref: v for ref, v in followed.items() if _select(base, ref) != v}
-        if moved:
-            out.update(moved)
-        else:  # the interpolation itself was overridden: name the key
-            out[key] = value
+        out.update(_followed(key, value, raw, cfg, base, depth=0))
+    return out
+
+
+def _followed(key: str, value: Any, raw: dict[str, Any], cfg: DictConfig, base: DictConfig,
+              depth: int) -> dict[str, Any]:
+    """The keys a moved ``key`` follows, through chains of interpolations (``a: ${b}``,
+    ``b: ${c}``: a moved ``c`` names ``a`` and ``b`` by ``c``)."""
+    text = raw.get(key)
+    refs = _INTERPOLATION.findall(text) if isinstance(text, str) else []
+    moved = {ref: v for ref in refs if _select(base, ref) != (v := _select(cfg, ref))}
+    if not moved or depth > 8:  # the interpolation itself was overridden: name the key
+        return {key: value}
+    out: dict[str, Any] = {}
+    for ref, v in moved.items():
+        out.update(_followed(ref, v, raw, cfg, base, depth + 1))
     return out
 
 

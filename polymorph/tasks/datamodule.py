@@ -66,7 +66,13 @@ class DyckDataModule(L.LightningDataModule):
         eval_size: int = 1024,
         eval_batch_size: int = 1024,
         eval_seed: int = 0,
+        batch_schedule: list | None = None,
+        max_len_schedule: list | None = None,
     ) -> None:
+        """``batch_schedule`` / ``max_len_schedule``: optional ``[[from_step, value], ...]``
+        (ascending steps) giving the training batch size / the longest content length from
+        each step on; ``batch_size`` / ``max_len`` apply before the first entry and wherever
+        no schedule is given. The evaluation sets never depend on them."""
         super().__init__()
         if batch_size < 1 or eval_size < 1 or eval_batch_size < 1:
             raise ValueError("data.batch_size, data.eval_size and data.eval_batch_size must be >= 1")
@@ -75,6 +81,9 @@ class DyckDataModule(L.LightningDataModule):
         self.min_len, self.max_len, self.p_valid = min_len, max_len, p_valid
         self.eval_size, self.eval_batch_size, self.eval_seed = eval_size, eval_batch_size, eval_seed
         self._eval: dict[str, list[DyckBatch]] | None = None
+        self.batch_schedule = _check_schedule("data.batch_schedule", batch_schedule, 1, None)
+        self.max_len_schedule = _check_schedule("data.max_len_schedule", max_len_schedule,
+                                                min_len, max_len)
 
     # -- training stream -------------------------------------------------
     def current_step(self) -> int:
@@ -85,12 +94,18 @@ class DyckDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return int(trainer.global_rank) if trainer is not None else 0
 
+    def batch_size_at(self, step: int) -> int:
+        return _value_at(self.batch_schedule, step, self.batch_size)
+
+    def max_len_at(self, step: int) -> int:
+        return _value_at(self.max_len_schedule, step, self.max_len)
+
     def training_batch(self, step: int) -> DyckBatch:
         tokens = generate_training_tokens(
-            self.batch_size,
+            self.batch_size_at(step),
             step_generator(self.seed, step, self.current_rank()),
             min_len=self.min_len,
-            max_len=self.max_len,
+            max_len=self.max_len_at(step),
             p_valid=self.p_valid,
         )
         return label_tokens(tokens)
@@ -112,6 +127,26 @@ class DyckDataModule(L.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         sets = self.eval_sets()
         return [DataLoader(_FixedBatches(sets[s]), batch_size=None) for s in EVAL_SPLITS]
+
+
+def _check_schedule(name: str, schedule, low: int, high: int | None) -> list[tuple[int, int]]:
+    out = [(int(step), int(value)) for step, value in (schedule or [])]
+    steps = [step for step, _ in out]
+    if steps != sorted(steps) or any(step < 0 for step in steps):
+        raise ValueError(f"{name} must list [from_step, value] pairs with ascending steps >= 0")
+    for _, value in out:
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"{name}: value {value} outside [{low}, {high}]")
+    return out
+
+
+def _value_at(schedule: list[tuple[int, int]], step: int, default: int) -> int:
+    value = default
+    for from_step, v in schedule:
+        if step < from_step:
+            break
+        value = v
+    return value
 
 
 def slice_batch(batch: DyckBatch, start: int, stop: int) -> DyckBatch:

@@ -10,6 +10,7 @@ folder itself, is always added.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -23,7 +24,8 @@ from polymorph.layout import RunLayout
 from polymorph.models.dyck import count_trainable_parameters, freeze_io_parameters
 from polymorph.runs import is_secondary_process
 from polymorph.tracking import log_config
-from polymorph.training.callbacks import RunCheckpoints, StopAfterConvergence
+from polymorph.training.callbacks import RunCheckpoints, StopAfterConvergence, StopOnDivergence
+from polymorph.training.precision import PrecisionChoice, choose_precision
 from polymorph.training.transformer_module import MIN_ACC
 from polymorph.versions import library_versions
 
@@ -31,6 +33,11 @@ MIN_ACC_DEFINITION = (
     "minimum accuracy over 3 heads (tok, depth, valid) x 3 fixed evaluation sets (train "
     "distribution, compositional, long), over non-PAD positions"
 )
+
+
+#: the knobs a diverged run's message names when it has no Hydra overrides to quote
+RECIPE_KNOBS = ("training.lr", "training.warmup_steps", "training.schedule_steps",
+                "data.batch_size", "trainer.precision")
 
 
 def build_callbacks(nodes: DictConfig | None) -> dict[str, L.Callback]:
@@ -48,6 +55,52 @@ def build_callbacks(nodes: DictConfig | None) -> dict[str, L.Callback]:
     return out
 
 
+@dataclass
+class TrainingSetup:
+    """What one fit is made of, built from the config: the run's objects before ``fit``."""
+
+    module: L.LightningModule
+    datamodule: L.LightningDataModule
+    callbacks: dict[str, L.Callback]
+    checkpoints: RunCheckpoints
+    precision: PrecisionChoice
+
+    @property
+    def convergence(self) -> StopAfterConvergence | None:
+        return next((c for c in self.callbacks.values() if isinstance(c, StopAfterConvergence)),
+                    None)
+
+    def record(self) -> dict:
+        """The recipe as run (the precision chosen and the schedule), for run.json."""
+        return {"precision": self.precision.to_dict(),
+                "lr_schedule": self.module.lr_schedule.to_dict()}
+
+
+def build_training(cfg: DictConfig, model, layout: RunLayout) -> TrainingSetup:
+    """The LightningModule, DataModule, callbacks and precision of one fit of ``model``."""
+    t = cfg.training
+    if bool(t.get("stop_annealed", False)) and str(t.module.lr_schedule.kind) == "cosine" \
+            and int(t.module.lr_schedule.total_steps) > int(t.max_steps):
+        raise PolymorphError(
+            f"training.stop_annealed=true but the cosine reaches its floor at step "
+            f"{t.module.lr_schedule.total_steps}, after training.max_steps={t.max_steps}: the run "
+            "could never stop annealed; lower training.schedule_steps or raise training.max_steps")
+    callbacks = build_callbacks(t.get("callbacks"))
+    for callback in callbacks.values():
+        if isinstance(callback, StopOnDivergence):  # outside a Hydra job: the main knobs
+            callback.fallback_recipe = " ".join(
+                f"{key}={OmegaConf.select(cfg, key)}" for key in RECIPE_KNOBS)
+    return TrainingSetup(
+        module=instantiate(t.module, model=model, _convert_="all"),
+        datamodule=instantiate(cfg.data, seed=int(cfg.seed), _convert_="all"),
+        callbacks=callbacks,
+        checkpoints=RunCheckpoints(layout, int(t.eval_every),
+                                   best_annealed_only=bool(t.get("stop_annealed", False))),
+        precision=choose_precision(cfg.trainer.get("precision", "32-true"),
+                                   cfg.trainer.get("accelerator", "cpu")),
+    )
+
+
 def fit_transformer(cfg: DictConfig, layout: RunLayout, logger, model,
                     anchor_io: dict[str, torch.Tensor] | None = None) -> dict:
     """Train ``model`` (freshly built from ``cfg.model`` under ``cfg.seed``) into ``layout``,
@@ -62,12 +115,11 @@ def fit_transformer(cfg: DictConfig, layout: RunLayout, logger, model,
         freeze_io_parameters(model)
     n_trainable = count_trainable_parameters(model)
     t = cfg.training
-    module = instantiate(t.module, model=model, _convert_="all")
-    datamodule = instantiate(cfg.data, seed=int(cfg.seed), _convert_="all")
-    callbacks = build_callbacks(t.get("callbacks"))
-    checkpoints = RunCheckpoints(layout, int(t.eval_every))
-    trainer = instantiate(cfg.trainer, callbacks=[*callbacks.values(), checkpoints],
-                          logger=logger, default_root_dir=str(layout.logs))
+    setup = build_training(cfg, model, layout)
+    module, checkpoints, precision = setup.module, setup.checkpoints, setup.precision
+    trainer = instantiate(cfg.trainer, callbacks=[*setup.callbacks.values(), checkpoints],
+                          logger=logger, default_root_dir=str(layout.logs),
+                          precision=precision.precision)
     resume = layout.resume_state if layout.resume_state.is_file() else None
     main = not is_secondary_process()  # a DDP worker trains but writes no record
     if resume is None and main:
@@ -82,12 +134,14 @@ def fit_transformer(cfg: DictConfig, layout: RunLayout, logger, model,
         "versions": library_versions(),
         "status": "training",
         "resumed_from_step": None if resume is None else _check_resume_state(resume),
+        **setup.record(),
+        "determinism": determinism_info(precision.precision),
     }
     if main:
         atomic_write_json(layout.run_info, info)
     log_config(logger, cfg, {"trainable_parameters": n_trainable})
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    trainer.fit(module, datamodule=setup.datamodule, ckpt_path=resume, weights_only=True)
     seconds = time.perf_counter() - start
     if trainer.interrupted:
         raise PolymorphError(f"training of {layout.root} was interrupted; rerun to resume")
@@ -98,8 +152,7 @@ def fit_transformer(cfg: DictConfig, layout: RunLayout, logger, model,
             f"{layout.root}: training ended before the first validation (max_steps="
             f"{t.max_steps} < eval_every={t.eval_every}); raise training.max_steps"
         )
-    convergence = next((c for c in callbacks.values() if isinstance(c, StopAfterConvergence)),
-                       None)
+    convergence = setup.convergence
     first = None if convergence is None else convergence.first_reached_step
     final = {
         "seed": int(cfg.seed),
@@ -123,6 +176,29 @@ def fit_transformer(cfg: DictConfig, layout: RunLayout, logger, model,
     atomic_write_json(layout.run_info, info)
     atomic_write_json(layout.final_metrics, final)  # written last: marks the run finished
     return final
+
+
+def determinism_info(precision: str) -> dict:
+    """What bit-identical reruns of one seed and config depend on: all of these equal.
+
+    On a CPU the one non-deterministic kernel found was the embedding lookup's backward (an
+    accumulating ``index_put_`` whose parallel sum order varies with more than one thread);
+    ``trainer.deterministic: true`` (``torch.use_deterministic_algorithms``) makes it
+    deterministic. Matmul and reduction results still depend on the thread count, the CPU's
+    instruction set, the precision and the torch / oneDNN / MKL builds.
+    """
+    import platform
+
+    return {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "torch_threads": torch.get_num_threads(),
+        "precision": precision,
+        "torch": torch.__version__,
+        "mkl": torch.backends.mkl.is_available(),
+        "onednn": torch.backends.mkldnn.is_available(),
+        "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def _check_resume_state(path: Path) -> int:

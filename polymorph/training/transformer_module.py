@@ -9,7 +9,6 @@ each fixed evaluation set and ``val/min_acc``, the minimum over
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import lightning as L
 import torch
@@ -19,6 +18,7 @@ from transformer_lens import HookedTransformer
 from polymorph.models.dyck import split_logits
 from polymorph.tasks.datamodule import EVAL_SPLITS
 from polymorph.tasks.dyck import HEADS, DyckBatch
+from polymorph.training.schedules import LRSchedule
 
 MIN_ACC = "val/min_acc"
 
@@ -58,26 +58,38 @@ class DyckTransformerModule(L.LightningModule):
 
     Args:
         model: the transformer (its frozen parameters are not optimised).
-        optimizer: a partial optimiser, called with the trainable parameters
+        optimizer: a partial optimiser called as ``optimizer(params, lr=lr)``
             (``training.module.optimizer``, e.g. ``torch.optim.AdamW`` with ``_partial_: true``).
-        scheduler: a partial learning-rate schedule, called with the optimiser and stepped once
-            per optimiser step (``training.module.scheduler``; None: constant learning rate).
+        lr: the peak learning rate (the schedule's multipliers are fractions of it).
+        lr_schedule: an :class:`~polymorph.training.schedules.LRSchedule` (cosine as published,
+            WSD, constant), stepped once per optimiser step.
         length_buckets: forward each batch in this many length-sorted slices
             (:func:`bucketed_forward`).
+        head_weights: per-head loss weights (default 1 each: the published summed loss).
+
+    None of these changes the model or the evaluation: they are the recipe's levers.
     """
 
     def __init__(
         self,
         model: HookedTransformer,
         optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        lr: float,
+        lr_schedule: LRSchedule,
         length_buckets: int = 4,
+        head_weights: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        self.lr = float(lr)
+        self.lr_schedule = lr_schedule
         self.length_buckets = length_buckets
+        self.head_weights = {h: 1.0 for h in HEADS}
+        unknown = sorted(set(head_weights or {}) - set(HEADS))
+        if unknown:
+            raise ValueError(f"head_weights keys must be among {HEADS}, got {unknown}")
+        self.head_weights.update({h: float(w) for h, w in (head_weights or {}).items()})
         self._val_correct: dict[str, dict[str, int]] = {}
         self._val_count: dict[str, int] = {}
         self.last_val_metrics: dict[str, float] = {}
@@ -87,8 +99,9 @@ class DyckTransformerModule(L.LightningModule):
 
     def training_step(self, batch: DyckBatch, batch_idx: int) -> torch.Tensor:
         loss_sum, correct, n_tokens = bucketed_forward(self.model, batch, self.length_buckets)
-        loss = sum(loss_sum[h] for h in HEADS) / n_tokens
+        loss = sum(self.head_weights[h] * loss_sum[h] for h in HEADS) / n_tokens
         self.log("train/loss", loss, prog_bar=True, batch_size=n_tokens)
+        self.log("train/lr", self.current_lr(), batch_size=1)
         for head in HEADS:
             self.log(f"train/acc_{head}", correct[head].float() / n_tokens, batch_size=n_tokens)
         self.log("train/real_tokens", float(n_tokens), reduce_fx="sum", batch_size=1)
@@ -120,10 +133,16 @@ class DyckTransformerModule(L.LightningModule):
         self.log_dict({k: v for k, v in metrics.items() if k != MIN_ACC}, sync_dist=True)
         self.log(MIN_ACC, metrics[MIN_ACC], prog_bar=True, sync_dist=True)
 
+    def current_lr(self) -> float:
+        """The learning rate of the next optimiser step (the peak lr before training starts)."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.optimizers:
+            return float(trainer.optimizers[0].param_groups[0]["lr"])
+        return self.lr
+
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        optimizer = self.optimizer_factory(params, lr=self.lr)
+        # The schedule object itself (not a lambda): LambdaLR then saves its state for a resume.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,7 +1,8 @@
 """Train one Dyck-3 transformer and its SAEs per seed (or, for pretrained models, the SAEs).
 
     python train.py                          # seed 0, default preset
-    python train.py -m seed=0..8             # nine seeds (inclusive range): outputs/default/seed=N/
+    python train.py -m seed=0..8             # nine seeds (inclusive range): outputs/default/seed=N/,
+                                             # side by side, one process per core (parallel.*)
     python train.py -m seed=0..8 io=shared   # an ablation: outputs/default/io=shared/seed=N/
     python train.py -m seed=0..8 sae.expansion=32        # SAEs only, beside the preset's
     python train.py -m seed=1..9 experiment=polypythia   # the PolyPythias (needs the Hub)
@@ -14,7 +15,7 @@ from omegaconf import DictConfig
 
 from polymorph.sweep import expand_argv
 
-expand_argv()
+expand_argv(default_launcher="parallel")  # conf/train.yaml: -m runs seeds side by side
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

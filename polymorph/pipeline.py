@@ -144,9 +144,11 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     check_job_config(cfg)  # before the stack is imported: seconds, not a minute
     from polymorph.console import quiet_libraries
     from polymorph.families import build_family
+    from polymorph.parallel import pin_threads
     from polymorph.sae.stage import train_saes_for_run
 
     quiet_libraries()
+    pin_threads(cfg)  # parallel.threads_per_job: the same bits alone or in a sweep
     family = build_family(cfg)
     if cfg.stage == "shared":  # once per experiment, across its seeds: not one seed's job
         from polymorph.sae.shared_stage import train_shared_dictionaries

@@ -16,6 +16,14 @@ from tqdm.auto import tqdm
 
 LOSS = "train/loss"
 MIN_ACC = "val/min_acc"
+#: the terminal row of this process's bars when a sweep runs jobs side by side (set by
+#: polymorph.parallel.pin_threads), so parallel seeds draw on rows of their own
+ROW_ENV = "POLYMORPH_PROGRESS_ROW"
+
+
+def _row() -> int | None:
+    value = os.environ.get(ROW_ENV)
+    return int(value) if value and value.isdigit() else None
 
 
 def _take_over(trainer: L.Trainer) -> bool:
@@ -49,7 +57,7 @@ class SeedProgress(L.Callback):
             seed = os.environ.get("PL_GLOBAL_SEED")
             desc = self.description or (f"seed {seed}" if seed is not None else "training")
             self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc=desc,
-                            unit="step", dynamic_ncols=True, leave=False)
+                            unit="step", dynamic_ncols=True, leave=False, position=_row())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.bar is None:
@@ -113,7 +121,7 @@ class SAEStageProgress(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.active and self.bar is None:
             self.bar = tqdm(total=self.total, desc=self.description, unit="step",
-                            dynamic_ncols=True, leave=False)
+                            dynamic_ncols=True, leave=False, position=_row())
         if self.bar is not None:
             self.done += 1
             of = f"/{self.n_saes}" if self.n_saes else ""

@@ -21,6 +21,8 @@ from pathlib import Path
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: hydra/launcher choices and the package that brings each
 LAUNCHER_PLUGINS = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+                    # train.py's default (conf/hydra/launcher/parallel.yaml): joblib, sized
+                    "parallel": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
                     "submitit_local": ("hydra_plugins.hydra_submitit_launcher",
                                        "hydra-submitit-launcher"),
                     "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher",
@@ -138,14 +140,17 @@ def parse_ablation_list(text: str) -> list[str]:
     return [e for e in out if e]
 
 
-def check_launcher_settings(args: list[str]) -> None:
+def check_launcher_settings(args: list[str], default_launcher: str | None = None) -> None:
     """``hydra.launcher.<key>=...`` against the chosen launcher's settings (one line for a
-    misspelt key or a setting without a launcher), before Hydra composes anything."""
+    misspelt key or a setting without a launcher), before Hydra composes anything.
+    ``default_launcher``: the entry point's launcher when none is chosen (train.py: parallel)."""
     keys = [a.split("=", 1)[0].lstrip("+~")[len("hydra.launcher."):] for a in args
             if a.lstrip("+~").startswith("hydra.launcher.")]
     if not keys:
         return
     chosen = [a.split("=", 1)[1] for a in args if a.startswith("hydra/launcher=")]
+    if not chosen and default_launcher:
+        chosen = [default_launcher]
     if not chosen:
         raise SweepSyntaxError(
             f"hydra.launcher.{keys[0]} is set but no launcher is chosen; add "
@@ -162,8 +167,9 @@ def check_launcher_settings(args: list[str]) -> None:
         return  # reported by check_choices
     from hydra.core.config_store import ConfigStore
 
+    stored = "joblib" if launcher == "parallel" else launcher  # parallel.yaml extends joblib
     entry = ConfigStore.instance().repo.get("hydra", {}).get("launcher", {}).get(
-        f"{launcher}.yaml")
+        f"{stored}.yaml")
     if entry is None:
         return
     settings = [k for k in entry.node if not str(k).startswith("_")]
@@ -196,13 +202,17 @@ def pop_flag(flag: str) -> bool:
     return False
 
 
-def expand_argv() -> None:
+def expand_argv(default_launcher: str | None = None) -> None:
     """Apply :func:`expand_ranges`, :func:`quote_placeholders` and :func:`check_choices` to
-    ``sys.argv`` in place, exiting with one clear line on error."""
+    ``sys.argv`` in place, exiting with one clear line on error; registers the config
+    resolvers the entry points' configs use (:mod:`polymorph.parallel`)."""
+    from polymorph.parallel import register_resolver
+
+    register_resolver()
     try:
         sys.argv[1:] = quote_placeholders(expand_ranges(sys.argv[1:]))
         check_choices(sys.argv[1:])
-        check_launcher_settings(sys.argv[1:])
+        check_launcher_settings(sys.argv[1:], default_launcher)
     except SweepSyntaxError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -53,7 +53,7 @@ def test_ablation_keys_name_the_folders(overrides, run, sub):
 @pytest.mark.parametrize("overrides", [
     ["seed=4"], ["logger=none"], ["logger=csv"], ["trainer.enable_progress_bar=false"],
     ["stage=sae"], ["retrain_saes=true"], ["trainer=gpu"], ["hydra/launcher=basic"],
-    ["sae_trainer.accelerator=cpu"],
+    ["sae_trainer.accelerator=cpu"], ["parallel.jobs=4", "parallel.threads_per_job=2"],
 ])
 def test_keys_that_change_no_artefact_never_enter_a_name(overrides):
     assert ablation(*overrides).label == ""

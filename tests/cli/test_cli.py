@@ -82,14 +82,16 @@ def test_every_preset_runs_a_couple_of_steps(tmp_path):
         assert list(runs[0].saes.glob("*/*/cfg.json")), preset
 
 
-def test_parallel_launcher_runs_a_two_seed_sweep(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    run(
-        "train.py", "-m", "seed=0,1", "experiment=smoke", f"paths.root={tmp_path}", *FAST,
-        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-    )
+def test_a_sweep_runs_its_seeds_side_by_side_by_default(tmp_path):
+    """No launcher named: the default (hydra/launcher=parallel) runs the two seeds in two
+    worker processes, one torch thread each."""
+    proc = run("train.py", "-m", "seed=0,1", "experiment=smoke", f"paths.root={tmp_path}",
+               *FAST, "parallel.jobs=2", env={"OMP_NUM_THREADS": "2"})
+    assert "Joblib.Parallel(n_jobs=2," in proc.stdout + proc.stderr
     runs = find_seed_runs(tmp_path, "smoke")
     assert sorted(runs) == [0, 1] and all(r.is_finished() for r in runs.values())
+    infos = [json.loads(r.run_info.read_text()) for r in runs.values()]
+    assert [i["determinism"]["torch_threads"] for i in infos] == [1, 1]
 
 
 def test_submitit_launcher_runs_a_two_seed_sweep_and_a_rerun_reuses_it(tmp_path):

@@ -14,6 +14,9 @@ def compose(overrides: list[str], config_name: str = "train", return_hydra: bool
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from polymorph.parallel import register_resolver
+
+    register_resolver()  # as the entry points do (polymorph.sweep.expand_argv)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(

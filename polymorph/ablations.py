@@ -65,8 +65,10 @@ ACTIVATION_THROUGHPUT = ("activations.batch_size", "corpus.shuffle_buffer")
 ANALYSIS_PRESENTATION = ("analysis.output_dir", "analysis.batch_size")
 #: config groups whose option names an ablation better than its keys do
 NAMED_GROUPS = ("io", "model", "sae", "sae_ladder")
-#: keys inside a family's identity that only change what the terminal shows (a progress bar)
-PRESENTATION_KEYS = ("training.callbacks.progress",)
+#: keys inside a family's identity that change no finished artefact: what the terminal shows
+#: (a progress bar) and when a diverging run gives up (a run that finished never diverged)
+PRESENTATION_KEYS = ("training.callbacks.progress", "training.callbacks.divergence",
+                     "training.collapse_drop", "training.collapse_evals")
 #: longest value written as is into a folder name
 MAX_VALUE_CHARS = 24
 #: longest key chain written as is as one folder name

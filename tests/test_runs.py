@@ -54,6 +54,7 @@ def test_ablation_keys_name_the_folders(overrides, run, sub):
     ["seed=4"], ["logger=none"], ["logger=csv"], ["trainer.enable_progress_bar=false"],
     ["stage=sae"], ["retrain_saes=true"], ["trainer=gpu"], ["hydra/launcher=basic"],
     ["sae_trainer.accelerator=cpu"], ["parallel.jobs=4", "parallel.threads_per_job=2"],
+    ["training.collapse_evals=5", "training.collapse_drop=0.3"],
 ])
 def test_keys_that_change_no_artefact_never_enter_a_name(overrides):
     assert ablation(*overrides).label == ""
@@ -159,6 +160,26 @@ def test_the_saved_config_guard_names_the_differing_keys(tmp_path):
     with pytest.raises(PolymorphError, match=r"io.mode: saved 'independent', now 'shared'.*"
                                              r"drop name="):
         check_matches_saved(DyckFamily().identity, other, layout)
+
+
+def test_a_run_saved_before_a_divergence_setting_existed_is_still_its_configs_run(tmp_path):
+    """Settings that change no finished artefact (when a diverging run gives up, its progress
+    bar) may be added or changed without orphaning the runs saved before."""
+    from omegaconf import OmegaConf
+
+    from polymorph.families.dyck import DyckFamily
+    from polymorph.files import atomic_write_text
+
+    cfg = compose(["experiment=smoke", f"paths.root={tmp_path}", "name=mine"])
+    layout = run_layout(cfg, build_family(cfg))
+    layout.root.mkdir(parents=True)
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    del saved["training"]["collapse_evals"], saved["training"]["callbacks"]["divergence"]
+    atomic_write_text(layout.config, OmegaConf.to_yaml(OmegaConf.create(saved)))
+    check_matches_saved(DyckFamily().identity, cfg, layout)
+    check_matches_saved(DyckFamily().identity,
+                        compose(["experiment=smoke", f"paths.root={tmp_path}", "name=mine",
+                                 "training.collapse_drop=0.2"]), layout)
 
 
 def test_finished_runs_names_the_command_that_trains_the_missing_seeds(tmp_path):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from polymorph.sae.crosscoder import Crosscoder
 from polymorph.sae.crosscoder_config import CrosscoderConfig, crosscoder_config_id
 from polymorph.sae.module import DEAD_FEATURE_WINDOW_STEPS
-from polymorph.sae.train import check_activations
+from polymorph.sae.train import check_activations, fit_in_memory
 
 
 def batch_indices(n: int, *, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
@@ -194,14 +193,7 @@ def train_crosscoder(
             log_every_n_steps=min(50, cfg.steps),
             default_root_dir=str(root_dir),
         )
-        with warnings.catch_warnings():
-            # In-memory tensors feed a single-process loader (see polymorph.sae.train).
-            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=r".*IterableDataset.*__len__.*")
-            warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-            t_fit = time.perf_counter()
-            trainer.fit(module, train_dataloaders=loader)
-            fit_seconds = time.perf_counter() - t_fit
+        fit_seconds = fit_in_memory(trainer, module, loader)
 
     steps_done = int(trainer.global_step)
     trained = module.crosscoder.to("cpu")

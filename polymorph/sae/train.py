@@ -55,6 +55,19 @@ class ShuffledMinibatches(IterableDataset):
             yield self.activations[index.to(self.activations.device)]
 
 
+def fit_in_memory(trainer: pl.Trainer, module: pl.LightningModule, loader: DataLoader) -> float:
+    """``trainer.fit`` on a loader over in-memory tensors; the seconds it took. One tensor feeds
+    a single-process loader, so Lightning's worker-count and IterableDataset-length advice does
+    not apply (silenced here); the LeafSpec deprecation is raised inside Lightning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r".*IterableDataset.*__len__.*")
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+        t_fit = time.perf_counter()
+        trainer.fit(module, train_dataloaders=loader)
+        return time.perf_counter() - t_fit
+
+
 def check_activations(activations: Any, d_in: int | None = None) -> None:
     """Raise ValueError unless ``activations`` is a finite float32 matrix [n >= 1, d_in]."""
     shape = tuple(getattr(activations, "shape", ()))
@@ -147,15 +160,7 @@ def train_sae(
             log_every_n_steps=min(50, cfg.steps),
             default_root_dir=str(root_dir),
         )
-        with warnings.catch_warnings():
-            # One in-memory tensor feeds a single-process loader, so worker-count and
-            # IterableDataset-length advice does not apply; LeafSpec is Lightning-internal.
-            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=r".*IterableDataset.*__len__.*")
-            warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-            t_fit = time.perf_counter()
-            lightning_trainer.fit(module, train_dataloaders=loader)
-            fit_seconds = time.perf_counter() - t_fit
+        fit_seconds = fit_in_memory(lightning_trainer, module, loader)
 
         steps_done = int(lightning_trainer.global_step)
         trained = module.sae.to("cpu")

@@ -17,7 +17,7 @@ real invariant planes. One symmetric eigendecomposition (``eigh``) therefore giv
 SVD of ``R - I`` (singular values ``2 sin(theta/2)``) and is 3x cheaper than it, and 10x cheaper
 than a general eigensolver.
 
-Tests (METHOD.md, "Haar diagnostics" and "Calibration"):
+Tests (docs/method.md, "Haar diagnostics" and "Calibration"):
   * trace: ``z = (tr R - m) / sqrt(v)`` with the *exact* Haar moments ``(m, v)`` of
     :func:`exact_trace_moments` (no Monte-Carlo error in z), and a two-sided empirical p-value
     ``(1 + #{null : |t0 - m| >= |t - m|}) / (n_null + 1)`` from the simulated null (the

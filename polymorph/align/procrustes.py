@@ -7,7 +7,7 @@ with ``fit_rotation(source, target)`` maps *source-frame* activations into the *
 
 ``R`` minimises ``||Xs_c R - Xt_c||_F`` over orthogonal matrices (``Xs_c``, ``Xt_c`` are the
 per-dimension-centred activation matrices of the two models on the same inputs). With
-``M = Xs_c^T Xt_c = U S V^T`` (SVD) the minimiser is ``R = U V^T`` (METHOD.md, "Procrustes":
+``M = Xs_c^T Xt_c = U S V^T`` (SVD) the minimiser is ``R = U V^T`` (docs/method.md, "Procrustes":
 B is the source, A the target). ``group="SO"`` restricts to proper rotations (det +1): when
 ``det(U V^T) < 0`` the sign of the last (smallest) singular direction is flipped, the standard
 Kabsch fix, which gives the best proper rotation.
@@ -346,7 +346,7 @@ def shuffled_pairing(n_rows: int, seed: int = 0, groups: torch.Tensor | None = N
 def fit_rotation_shuffled(source: torch.Tensor, target: torch.Tensor, seed: int = 0,
                           groups: torch.Tensor | None = None, group: str = "O",
                           precision: str = "float64") -> Rotation:
-    """The shuffled-pairing null of :func:`fit_rotation` (METHOD.md, "Calibration").
+    """The shuffled-pairing null of :func:`fit_rotation` (docs/method.md, "Calibration").
 
     The same Procrustes fit after the rows of ``source`` are re-paired with the wrong rows of
     ``target`` (:func:`shuffled_pairing`: rows, or whole sequences of equal length when

@@ -7,7 +7,7 @@ functions of ``n``, ``sum x``, ``sum x^2`` and the residual sum of squares per s
 ``w`` [S] (:func:`bootstrap_weights`); the metric on the resample is the same function of the
 ``w``-weighted sums, so B resamples cost one [B, S] x [S, ...] product instead of B passes over
 the rows. Sequences, not positions, are resampled: positions within a sequence are correlated,
-and a row bootstrap would understate the spread (METHOD.md, "Calibration").
+and a row bootstrap would understate the spread (docs/method.md, "Calibration").
 
 Intervals are percentile intervals: the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles
 (linear interpolation) of the B replicates, with B >= 100 (:data:`MIN_N_BOOT`).

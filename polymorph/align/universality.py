@@ -4,13 +4,13 @@ Dictionaries are ``[n_features, d]`` with one decoder direction per row (sae-len
 ``[d_sae, d_in]``). Cosines are between rows; a zero row (a dead feature with a zeroed decoder)
 has cosine 0 with everything.
 
-Metrics (METHOD.md, "Metrics"):
+Metrics (docs/method.md, "Metrics"):
   * max-cosine: for each row of A, ``max_j cos(a_i, b_j)`` over B's rows (the published number;
     several A features may claim the same B feature); its mean and the fraction above 0.5;
   * Hungarian: a one-to-one matching (``scipy.optimize.linear_sum_assignment`` maximising the
     total cosine; rectangular allowed, ``min(n_a, n_b)`` pairs) and the mean cosine of the pairs.
 
-Chance (METHOD.md, "Calibration"). :func:`chance_level` draws rows uniformly on the sphere of all
+Chance (docs/method.md, "Calibration"). :func:`chance_level` draws rows uniformly on the sphere of all
 d dimensions (expected max-cosine about ``sqrt(2 ln n_b / d)``). Trained decoder rows live in the
 activation span and are anisotropic within it, so two unrelated dictionaries score far higher than
 that: the isotropic value is a lower bound, not chance. :func:`matched_chance` is chance: random

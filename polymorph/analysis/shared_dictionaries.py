@@ -17,11 +17,9 @@ Every reconstruction is mapped back into seed s's own frame and scored against s
 activations on the scored batch (held out unless ``analysis.score_on=fit``), so every method is
 scored on the same matrix: x_hat_s = R^-1(SAE_a(R x_s)) for rotated (the SAE rewritten with
 ``align.transfer.transfer_sae``, which is exact), M_s^-1(U(M_s x_s)) for universal. Because
-every method's reconstruction of seed s is a matrix of seed s's rows in seed s's frame, a
-*spliced-in downstream loss* column is one call per (method, rung, seed) once a splice helper
-exists (e.g. ``analysis.downstream.spliced_loss_sums(ctx, ctx.models[s], site, replace_fn,
-batch)`` with ``replace_fn`` putting :meth:`SharedDictionaries.reconstruction`'s rows back at
-the kept positions); it is not computed yet.
+every method's reconstruction of seed s is a matrix of seed s's rows in seed s's frame, the
+*fraction of loss recovered* (``loss_recovered``) splices those rows back into seed s's model
+at the kept positions (``analysis.downstream.spliced_loss_sums``), against a mean ablation.
 
 Each method is a ladder of sparsities (at least ``min_rungs``). At each target L0 (default: the
 own-seed ladder's L0s) every method is read by interpolating each seed's EV-vs-L0 curve linearly
@@ -746,8 +744,6 @@ class SharedDictionaries(AnalysisCallback):
             lines += [f"- {m}" for m in result["missing"]] + [""]
         if result["notes"]:
             lines += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + [""]
-        lines.append("Spliced-in downstream loss is not reported yet (see the module docstring "
-                     "of polymorph/analysis/shared_dictionaries.py).")
         return "\n".join(lines)
 
     def scalars(self, result: dict) -> dict[str, float]:

@@ -76,7 +76,7 @@ def how_to_fetch(model_id: str, revision: str | None) -> str:
     return (
         f"fetch it once on a machine with network (python -c \"from huggingface_hub import "
         f"snapshot_download; snapshot_download('{model_id}', revision='{rev}')\", then copy "
-        f"~/.cache/huggingface), or point model.model_id at a local folder holding "
+        f"~/.cache/huggingface), or point family.model_id at a local folder holding "
         f"<folder>/{rev}/config.json and the weights"
     )
 
@@ -95,7 +95,7 @@ def resolve_model(model_id: str, revision: str | None = None) -> ResolvedModel:
             f"model {model_id!r} at revision {revision!r}: no Hugging Face model folder (config.json "
             f"+ weights) at {' or '.join(str(c) for c in candidates)}; local revisions live in "
             f"sub-folders named after the revision (e.g. {base}/step143000/), or pass "
-            f"model.revision=main to load {base} itself"
+            f"family.revision=main to load {base} itself"
         )
     return _resolve_hub(model_id, revision)
 

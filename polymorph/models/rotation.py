@@ -4,7 +4,7 @@ RMSNorm without its gain commutes with any orthogonal Q (``||x Q|| = ||x||``). S
 every norm gain into the weights that read the norm's output, multiplying every weight that
 *writes* the residual stream on the right by Q and every weight that *reads* it on the left by
 ``Q^T`` gives a model with identical outputs whose residual activations are exactly the original
-ones times Q (METHOD.md, "A planted rotation"). Two such models are polymorphic by construction.
+ones times Q (docs/method.md, "A planted rotation"). Two such models are polymorphic by construction.
 
 Weights by role (TransformerLens names and shapes):
   * writers, ``W <- W Q``: ``embed.W_E`` [d_vocab, d_model], ``pos_embed.W_pos`` [n_ctx, d_model],

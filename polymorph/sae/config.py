@@ -60,8 +60,10 @@ class SAETrainConfig:
     (sae-lens training class in brackets; a key set for an architecture that does not use it is
     rejected rather than silently ignored):
 
-    * ``relu_l1`` (StandardTrainingSAE): ``l1_coefficient``, the L1 weight in sae-lens'
-      normalisation (squared error summed over d_in).
+    * ``relu_l1`` (StandardTrainingSAE): ``l1_coefficient``, the L1 weight; with
+      ``mse_normalisation="mean"`` (the default configs) in the published normalisation (squared
+      error averaged over d_in) and converted for sae-lens (x d_in), with ``None`` in sae-lens'
+      own (squared error summed over d_in).
     * ``topk`` (TopKTrainingSAE): ``k``, an integer, active features per row.
     * ``batchtopk`` (BatchTopKTrainingSAE): ``k``, a number > 0, active features per row *on
       average over a minibatch* (the top ``k * batch_size`` pre-activations of the batch).

@@ -11,7 +11,7 @@ and an L1 penalty weighted by each decoder row's norm, ``sum_i f_i * ||W_dec[i]|
 (``StandardTrainingSAE.calculate_aux_loss``); TopK's ``rescale_acts_by_decoder_norm`` does the
 same for its selection. Rescaling row i of ``W_dec`` by 1/c and ``W_enc[:, i]``, ``b_enc[i]``
 by c leaves reconstruction and penalty unchanged (ReLU is positively homogeneous), so the
-objective equals the METHOD.md one (unit-norm decoder, plain L1 on f) written in another
+objective equals the docs/method.md one (unit-norm decoder, plain L1 on f) written in another
 parametrisation. :func:`polymorph.sae.train.train_sae` folds the norms at the end with
 sae-lens' ``fold_W_dec_norm`` so every returned SAE has unit-norm decoder rows.
 

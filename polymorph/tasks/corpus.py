@@ -34,7 +34,7 @@ class CorpusConfig:
     data_files: str | list | None = None  # for local files: path(s) given to the json/text builder
     split: str = "train"
     text_field: str = "text"
-    seed: int = 0                 # shuffle seed: the corpus seed of METHOD.md
+    seed: int = 0                 # shuffle seed: the corpus seed of docs/method.md
     shuffle_buffer: int = 10_000  # documents held for the streaming shuffle; 0: stream order
 
     @classmethod

@@ -70,7 +70,8 @@ def test_every_preset_runs_a_couple_of_steps(tmp_path):
     run(
         "train.py", "-m", "experiment=smoke,default,paper", f"paths.root={tmp_path}",
         "logger=none", "trainer.enable_progress_bar=false",
-        "training.max_steps=2", "training.eval_every=2", "data.batch_size=8",
+        "training.max_steps=2", "training.schedule_steps=2", "training.eval_every=2",
+        "data.batch_size=8",
         "data.eval_size=16", "activations.n_sequences=64", "sae.steps=2", "sae.batch_size=64",
         "sites=[blocks.0.hook_resid_post]",
     )

@@ -80,3 +80,35 @@ def test_launcher_settings_are_checked_against_the_default_launcher():
         check_launcher_settings(["hydra.launcher.n_job=3"], default_launcher="parallel")
     with pytest.raises(SweepSyntaxError, match="no launcher is chosen"):
         check_launcher_settings(["hydra.launcher.n_jobs=3"])
+
+
+def test_side_by_side_jobs_draw_their_bars_on_rows_of_their_own(monkeypatch):
+    """In a job of a parallel multirun, pin_threads gives the job the row job.num % jobs, which
+    the progress bars read; a single run sets none."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from polymorph import progress
+
+    monkeypatch.delenv(progress.ROW_ENV, raising=False)
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    cfg = compose(["parallel.jobs=2"], return_hydra=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = "MULTIRUN"
+        cfg.hydra.job.num = 3
+    try:
+        HydraConfig.instance().set_config(cfg)
+        assert parallel.pin_threads(cfg) == 1
+        assert progress._row() == 1  # job 3 of a 2-wide sweep
+        basic = compose(["parallel.jobs=2", "hydra/launcher=basic"], return_hydra=True)
+        with open_dict(basic):
+            basic.hydra.mode = "MULTIRUN"
+            basic.hydra.job.num = 3
+        monkeypatch.delenv(progress.ROW_ENV)
+        HydraConfig.instance().set_config(basic)
+        parallel.pin_threads(basic)
+        assert progress._row() is None  # one after another: one row is enough
+    finally:
+        HydraConfig.instance().cfg = None
+        torch.set_num_threads(before)

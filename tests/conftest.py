@@ -20,6 +20,24 @@ import pytest
 
 from tests.helpers.config import compose, smoke_overrides, tiny_lm_overrides
 
+# The session fixtures that train or analyse for more than a few seconds. pytest-xdist builds a
+# session fixture once per worker that uses it, so every test file that needs one of these
+# runs on one worker (``--dist=loadgroup``, groups set below): each is built once per run.
+# Every other file is a group of its own (as ``--dist=loadfile``: module fixtures built once).
+COSTLY_FIXTURES = frozenset({"smoke_runs", "smoke_context", "smoke_analysis", "shared_runs"})
+COSTLY_GROUP = "costly-session-fixtures"
+
+
+def pytest_collection_modifyitems(config, items):
+    by_file: dict[str, list] = {}
+    for item in items:
+        by_file.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    for path, file_items in by_file.items():
+        costly = any(COSTLY_FIXTURES & set(i.fixturenames) for i in file_items)
+        group = COSTLY_GROUP if costly else path
+        for item in file_items:
+            item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture(scope="session")
 def smoke_runs(tmp_path_factory):

@@ -39,15 +39,18 @@ def sequence(tmp_path_factory):
     run), analyses, comparison and report: one multirun per move, as a researcher types it."""
     root = tmp_path_factory.mktemp("ablations")
     common = ["experiment=smoke", f"paths.root={root}"]
+    # jobs in turn in the sweep's own process: a sweep's side-by-side workers are tested in
+    # tests/cli/test_cli.py, and here would only add their start-up to every move
+    in_turn = "hydra/launcher=basic"
     out: dict = {"root": root, "common": common}
-    run("train.py", "-m", "seed=0..1", "io=independent,shared", *common, env=OFFLINE)
+    run("train.py", "-m", "seed=0..1", "io=independent,shared", *common, in_turn, env=OFFLINE)
     out["plain_before"] = {s: stamps(r) for s, r in find_seed_runs(root, "smoke").items()}
     out["shared_before"] = {s: stamps(r)
                             for s, r in find_seed_runs(root, "smoke", "io=shared").items()}
     out["rerun"] = run("train.py", "-m", "seed=0..1", "io=independent,shared",
-                       "sae.expansion=32", *common, env=OFFLINE)
+                       "sae.expansion=32", *common, in_turn, env=OFFLINE)
     run("analyze.py", "-m", *common, "io=independent,shared", "sae.expansion=8,32", *ANALYSIS,
-        env=OFFLINE)
+        in_turn, env=OFFLINE)
     ablations = "ablations=[io=independent,io=shared,sae.expansion=32]"
     out["report"] = run("report.py", *common, *ANALYSIS, ablations, "--dry-run", env=OFFLINE)
     return out

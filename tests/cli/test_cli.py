@@ -11,6 +11,9 @@ from tests.helpers.cli import run
 from tests.helpers.config import compose, tiny_lm_overrides
 
 FAST = ["logger=none", "stage=transformer", "trainer.enable_progress_bar=false"]
+# a sweep's jobs in turn in its own process, where what is tested is not the launcher (the
+# default side-by-side launcher has its own test below)
+IN_TURN = "hydra/launcher=basic"
 
 
 def with_model_id(args: list[str], model_id: str) -> list[str]:
@@ -20,7 +23,8 @@ def with_model_id(args: list[str], model_id: str) -> list[str]:
 
 
 def test_inclusive_seed_range_launches_one_job_per_seed(tmp_path):
-    run("train.py", "-m", "seed=0..2", "experiment=smoke", f"paths.root={tmp_path}", *FAST)
+    run("train.py", "-m", "seed=0..2", "experiment=smoke", f"paths.root={tmp_path}", *FAST,
+        IN_TURN)
     runs = find_seed_runs(tmp_path, "smoke")
     assert sorted(runs) == [0, 1, 2]
     for layout in runs.values():
@@ -73,7 +77,7 @@ def test_every_preset_runs_a_couple_of_steps(tmp_path):
         "training.max_steps=2", "training.schedule_steps=2", "training.eval_every=2",
         "data.batch_size=8",
         "data.eval_size=16", "activations.n_sequences=64", "sae.steps=2", "sae.batch_size=64",
-        "sites=[blocks.0.hook_resid_post]",
+        "sites=[blocks.0.hook_resid_post]", IN_TURN,
     )
     for preset in ("smoke", "default", "paper"):
         (folder,) = (tmp_path / preset).glob("*training.max_steps=2*")
@@ -130,7 +134,7 @@ def test_pretrained_family_train_then_analyze(tiny_lm, tmp_path):
     the model id's {seed} placeholder is written unquoted, as a user types it."""
     out = tmp_path / "out"
     args = with_model_id(tiny_lm_overrides(tiny_lm, out), tiny_lm["model_id_template"])
-    run("train.py", "-m", "seed=1..2", *args, env={"OMP_NUM_THREADS": "1"})
+    run("train.py", "-m", "seed=1..2", *args, IN_TURN, env={"OMP_NUM_THREADS": "1"})
     for seed in (1, 2):
         assert (out / tiny_lm["name"] / f"seed={seed}" / "metrics.json").is_file()
     # no SAE-seed ceiling was trained here: not asking for one keeps the results complete

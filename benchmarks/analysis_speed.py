@@ -4,6 +4,7 @@
     python benchmarks/analysis_speed.py --root outputs --experiment smoke
     python benchmarks/analysis_speed.py --compare                                 # the 2x budget
     python benchmarks/analysis_speed.py --compare --root /tmp/smoke_root --experiment smoke
+    python benchmarks/analysis_speed.py --compare --keep outputs/default/analysis  # keep results
 
 Runs ``analyze()`` exactly as analyze.py does (W&B disabled, results written to a temporary
 folder so the experiment's own analysis is left alone) and prints the time of the shared
@@ -43,17 +44,20 @@ REFERENCE = [
 ]
 
 
-def run_analysis(root: Path, experiment: str, overrides: list[str]) -> tuple[float, dict]:
-    """(wall seconds of analyze(), its per-stage timings)."""
+def run_analysis(root: Path, experiment: str, overrides: list[str],
+                 keep: Path | None = None) -> tuple[float, dict]:
+    """(wall seconds of analyze(), its per-stage timings). ``keep``: write the results there
+    (results.json, report.md, figures) instead of into a temporary folder."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from polymorph.analysis.runner import analyze
 
     GlobalHydra.instance().clear()
-    with tempfile.TemporaryDirectory() as out, initialize_config_dir(
+    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(
         config_dir=str(REPO / "conf"), version_base="1.3"
     ):
+        out = str(keep.resolve()) if keep is not None else tmp
         cfg = compose("analyze", overrides=[f"experiment={experiment}",
                                             f"paths.root={root.resolve()}",
                                             f"analysis.output_dir={out}", *overrides])
@@ -64,7 +68,7 @@ def run_analysis(root: Path, experiment: str, overrides: list[str]) -> tuple[flo
 
 
 def single(args) -> None:
-    total, meta = run_analysis(Path(args.root), args.experiment, args.overrides)
+    total, meta = run_analysis(Path(args.root), args.experiment, args.overrides, args.keep)
     print(f"experiment {args.experiment}: {len(meta['context']['seeds'])} seeds, "
           f"{len(meta['context']['sites'])} sites, {len(meta['context']['pairs'])} pairs")
     for stage, seconds in meta["timings_seconds"].items():
@@ -81,7 +85,9 @@ def compare(args) -> None:
         order = ("reference", "full") if r % 2 == 0 else ("full", "reference")
         for kind in order:
             extra = REFERENCE if kind == "reference" else []
-            runs[kind].append(run_analysis(root, args.experiment, [*extra, *args.overrides]))
+            keep = args.keep if kind == "full" else None
+            runs[kind].append(run_analysis(root, args.experiment, [*extra, *args.overrides],
+                                           keep))
             print(f"round {r + 1}: {kind:<9} {runs[kind][-1][0]:7.1f} s", flush=True)
     meta = runs["full"][0][1]
     print(f"\nexperiment {args.experiment}: {len(meta['context']['seeds'])} seeds, "
@@ -113,6 +119,9 @@ def main() -> None:
     p.add_argument("--compare", action="store_true",
                    help="full analysis vs the reference without the calibration pieces")
     p.add_argument("--rounds", type=int, default=1, help="--compare rounds (median reported)")
+    p.add_argument("--keep", type=Path, default=None,
+                   help="write the (full) analysis' results into this folder, e.g. "
+                        "outputs/default/analysis, instead of a temporary one")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. analysis.pairs=all")
     args = p.parse_args()
     os.environ["WANDB_MODE"] = "disabled"

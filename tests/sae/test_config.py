@@ -200,3 +200,15 @@ def test_the_built_sae_lens_model_gets_the_converted_coefficient():
     cfg = SAETrainConfig.from_dict(compose([]).sae)
     sae = build_training_sae(cfg, 64, init_seed=0, hook_name="h", model_name="m")
     assert sae.cfg.l1_coefficient == pytest.approx(0.064)
+
+
+@pytest.mark.parametrize("ladder", sorted(p.stem for p in (CONF.parent / "sae_ladder").glob("*.yaml")))
+@pytest.mark.parametrize("preset", ["default", "smoke", "paper", "polypythia"])
+def test_every_shipped_ladder_validates_over_every_preset(ladder, preset):
+    """The documented `stage=sae sae_ladder=<name>` commands must not fail on their own rungs:
+    each rung is merged over the preset's `sae` group (relu_l1 with mse_normalisation: mean)."""
+    from polymorph.sae.stage import ladder_configs
+    from tests.helpers.config import compose
+
+    configs = ladder_configs(compose([f"experiment={preset}", f"sae_ladder={ladder}"]))
+    assert len(configs) == len(compose([f"sae_ladder={ladder}"]).sae_ladder.rungs) >= 2

@@ -203,7 +203,7 @@ def test_the_built_sae_lens_model_gets_the_converted_coefficient():
 
 
 @pytest.mark.parametrize("ladder", sorted(p.stem for p in (CONF.parent / "sae_ladder").glob("*.yaml")))
-@pytest.mark.parametrize("preset", ["default", "smoke", "paper", "polypythia"])
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF.parent / "experiment").glob("*.yaml")))
 def test_every_shipped_ladder_validates_over_every_preset(ladder, preset):
     """The documented `stage=sae sae_ladder=<name>` commands must not fail on their own rungs:
     each rung is merged over the preset's `sae` group (relu_l1 with mse_normalisation: mean)."""

@@ -19,24 +19,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 
 from tests.helpers.config import compose, smoke_overrides, tiny_lm_overrides
+from tests.helpers.xdist_groups import check_costly_files, costly_files, make_scheduler
 
-# The session fixtures that train or analyse for more than a few seconds. pytest-xdist builds a
-# session fixture once per worker that uses it, so every test file that needs one of these
-# runs on one worker (``--dist=loadgroup``, groups set below): each is built once per run.
-# Every other file is a group of its own (as ``--dist=loadfile``: module fixtures built once).
-COSTLY_FIXTURES = frozenset({"smoke_runs", "smoke_context", "smoke_analysis", "shared_runs"})
-COSTLY_GROUP = "costly-session-fixtures"
+
+def pytest_xdist_make_scheduler(config, log):
+    """One unit of work per test file; the files that need a costly session fixture share one
+    (tests/helpers/xdist_groups.py says why xdist's own grouping cannot be used)."""
+    if config.getvalue("dist") != "loadfile":  # another --dist on the command line wins
+        return None
+    return make_scheduler(config, log, costly_files(config.rootpath))
 
 
 def pytest_collection_modifyitems(config, items):
-    by_file: dict[str, list] = {}
-    for item in items:
-        by_file.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
-    for path, file_items in by_file.items():
-        costly = any(COSTLY_FIXTURES & set(i.fixturenames) for i in file_items)
-        group = COSTLY_GROUP if costly else path
-        for item in file_items:
-            item.add_marker(pytest.mark.xdist_group(group))
+    check_costly_files(items, costly_files(config.rootpath))
 
 
 @pytest.fixture(scope="session")

@@ -84,9 +84,14 @@ def discard_run(layout: RunLayout) -> None:
 
 
 def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Human-readable differences between two nested config dicts, one per differing leaf."""
+    """Human-readable differences between two nested config dicts, one per differing leaf.
+
+    A key the saved config lacks and the current one sets to null is no difference: an option
+    added since the run was made, switched off (as it was then)."""
     out = []
     for key in sorted(set(saved) | set(current)):
+        if key not in saved and current.get(key) is None:
+            continue
         a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_diff(a, b, f"{prefix}{key}.")

@@ -187,3 +187,24 @@ def test_finished_runs_names_the_command_that_trains_the_missing_seeds(tmp_path)
                                              r"python train.py -m io=shared seed=0..8"):
         finished_runs(tmp_path / "smoke" / "io=shared",
                       train_command="python train.py -m io=shared")
+
+
+def test_an_option_added_since_the_run_was_saved_counts_only_when_switched_on(tmp_path):
+    """A run saved before training.callbacks.ema existed is the run of today's config with the
+    EMA off (null), and not of a config that switches it on."""
+    from omegaconf import OmegaConf
+
+    from polymorph.families.dyck import DyckFamily
+    from polymorph.files import atomic_write_text
+
+    cfg = compose(["experiment=smoke", f"paths.root={tmp_path}", "name=mine"])
+    layout = run_layout(cfg, build_family(cfg))
+    layout.root.mkdir(parents=True)
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    assert saved["training"]["callbacks"].pop("ema") is None
+    atomic_write_text(layout.config, OmegaConf.to_yaml(OmegaConf.create(saved)))
+    check_matches_saved(DyckFamily().identity, cfg, layout)
+    on = compose(["experiment=smoke", f"paths.root={tmp_path}", "name=mine",
+                  "training.callbacks.ema={_target_:polymorph.training.callbacks.WeightEMA}"])
+    with pytest.raises(PolymorphError, match=r"training.callbacks.ema: saved '<missing>'"):
+        check_matches_saved(DyckFamily().identity, on, layout)

@@ -1,5 +1,5 @@
 """Callbacks of the transformer run: convergence stopping, a triggered LR decay, divergence,
-and kept checkpoints."""
+weight averaging, and kept checkpoints."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
 
 from polymorph.checkpoints import save_weights
 from polymorph.errors import PolymorphError
@@ -174,6 +175,46 @@ class StopOnDivergence(Callback):
         self.collapsed_evals = int(state_dict.get("collapsed_evals", 0))
 
 
+class WeightEMA(EMAWeightAveraging):
+    """An exponential moving average of the weights (Lightning's ``EMAWeightAveraging``) from
+    ``start_step`` on: validation, the kept checkpoints and the finished model are the average.
+
+    ``decay``: the weight of the old average at each step (0.998: a horizon of ~500 steps).
+    Until the first update the live weights are validated and kept (Lightning's callback would
+    use its copy of the initial weights)."""
+
+    def __init__(self, decay: float = 0.998, start_step: int = 0) -> None:
+        if not 0.0 < decay < 1.0:
+            raise PolymorphError(f"training.callbacks.ema.decay={decay}: the EMA decay must lie "
+                                 "strictly between 0 and 1 (e.g. 0.998)")
+        super().__init__(decay=decay, update_starting_at_step=start_step)
+
+    def has_average(self) -> bool:
+        return self._average_model is not None and int(self._average_model.n_averaged) > 0
+
+    def averaged(self, pl_module: L.LightningModule):
+        """The averaged copy of ``pl_module.model`` (the live one before the first update)."""
+        return self._average_model.module.model if self.has_average() else pl_module.model
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if self.has_average():
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.has_average():
+            super().on_validation_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.has_average():
+            super().on_train_end(trainer, pl_module)
+
+
+def kept_model(trainer: L.Trainer, pl_module: L.LightningModule):
+    """The model whose validation metrics were just logged: the EMA's, when one is in use."""
+    ema = next((c for c in trainer.callbacks if isinstance(c, WeightEMA)), None)
+    return pl_module.model if ema is None else ema.averaged(pl_module)
+
+
 class RunCheckpoints(Callback):
     """At every validation: keep a step checkpoint (safetensors), update best/last,
     record the validation metrics and the learning rate (``lr``: that of the next step;
@@ -220,7 +261,7 @@ class RunCheckpoints(Callback):
         schedule = getattr(pl_module, "lr_schedule", None)
         annealed = schedule is not None and is_annealed(fraction, schedule.final_fraction)
         meta = {"step": step, "metrics": metrics}
-        model = pl_module.model
+        model = kept_model(trainer, pl_module)
         if self.keep_every > 0 and step % self.keep_every == 0:
             save_weights(model, self.layout.step_checkpoint(step), meta)
         score = metrics.get(MIN_ACC, float("-inf"))

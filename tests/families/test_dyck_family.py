@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,6 +12,7 @@ from polymorph.files import read_json
 from polymorph.layout import RunLayout
 from polymorph.pipeline import train
 from tests.helpers.config import compose, smoke_overrides
+from tests.helpers.interrupt import train_interrupted_at
 
 TRANSFORMER = "stage=transformer"
 
@@ -57,28 +56,13 @@ def test_finished_run_is_reused_and_retrain_flag_retrains(tmp_path):
 
 
 def test_interrupted_run_resumes_with_nothing_lost(tmp_path, monkeypatch):
-    from polymorph.training import transformer_module
-
     reference_root, broken_root = tmp_path / "ref", tmp_path / "broken"
     train(compose(smoke_overrides(reference_root, TRANSFORMER)))
-
-    original = transformer_module.DyckTransformerModule.training_step
-
-    def interrupt_at_15(self, batch, batch_idx):
-        if self.global_step == 15:
-            raise KeyboardInterrupt
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(transformer_module.DyckTransformerModule, "training_step", interrupt_at_15)
-    handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(SystemExit):  # Lightning's graceful shutdown exits the process
-        train(compose(smoke_overrides(broken_root, TRANSFORMER)))
-    signal.signal(signal.SIGINT, handler)
+    train_interrupted_at(compose(smoke_overrides(broken_root, TRANSFORMER)), 15, monkeypatch)
     broken = RunLayout.for_seed(broken_root, "smoke", 0)
     assert not broken.is_finished()  # never mistaken for a finished run
     assert sorted(broken.step_checkpoints()) == [10]
 
-    monkeypatch.setattr(transformer_module.DyckTransformerModule, "training_step", original)
     train(compose(smoke_overrides(broken_root, TRANSFORMER)))
     assert broken.is_finished()
     assert read_json(broken.run_info)["resumed_from_step"] == 10

@@ -3,8 +3,6 @@ kept and analysed, and an interrupted EMA run resumes to the same weights."""
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -16,10 +14,11 @@ from polymorph.families.dyck import DyckFamily
 from polymorph.files import read_json
 from polymorph.pipeline import train
 from polymorph.runs import run_layout
-from polymorph.training.callbacks import WeightEMA
 from polymorph.tasks.dyck import HEADS
+from polymorph.training.callbacks import WeightEMA
 from polymorph.training.transformer_module import MIN_ACC, bucketed_forward
 from tests.helpers.config import compose, smoke_overrides
+from tests.helpers.interrupt import train_interrupted_at
 
 EMA = ["stage=transformer", "training.max_steps=30", "training.eval_every=10",
        "training.callbacks.ema={_target_:polymorph.training.callbacks.WeightEMA,"
@@ -63,23 +62,9 @@ def test_the_average_is_validated_kept_and_differs_from_the_live_weights(tmp_pat
 
 
 def test_an_interrupted_ema_run_resumes_to_the_same_average(tmp_path, monkeypatch):
-    from polymorph.training import transformer_module
-
     reference = compose(smoke_overrides(tmp_path / "ref", *EMA))
     train(reference)
-    original = transformer_module.DyckTransformerModule.training_step
-
-    def interrupt_at_15(self, batch, batch_idx):
-        if self.global_step == 15:
-            raise KeyboardInterrupt
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(transformer_module.DyckTransformerModule, "training_step", interrupt_at_15)
-    handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(SystemExit):  # Lightning's graceful shutdown exits the process
-        train(compose(smoke_overrides(tmp_path / "broken", *EMA)))
-    signal.signal(signal.SIGINT, handler)
-    monkeypatch.setattr(transformer_module.DyckTransformerModule, "training_step", original)
+    train_interrupted_at(compose(smoke_overrides(tmp_path / "broken", *EMA)), 15, monkeypatch)
     broken = compose(smoke_overrides(tmp_path / "broken", *EMA))
     train(broken)
     assert read_json(layout_of(broken).run_info)["resumed_from_step"] == 10

@@ -4,6 +4,7 @@
     python benchmarks/sae_train.py --sae topk --expansions 8
     python benchmarks/sae_train.py --steps 250 500 1000   # quality/time against steps
     python benchmarks/sae_train.py --activations acts.safetensors --key blocks.0.hook_resid_post
+    python benchmarks/sae_train.py --activations acts.safetensors --heldout 0.2 --steps 250 1000 4000
 
 Without ``--activations`` the data are SYNTHETIC stand-ins for residual activations (100k rows,
 d_in 64): a mean offset, a dense rank-4 component, a sparse superposition of 1024 unit-norm
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--d-in", type=int, default=64)
     parser.add_argument("--activations", type=Path, default=None, help="safetensors file")
     parser.add_argument("--key", default=None, help="tensor name in --activations")
+    parser.add_argument("--heldout", type=float, default=0.0,
+                        help="score on this last fraction of the rows, train on the rest")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
 
@@ -83,14 +86,19 @@ def main() -> None:
         acts = synthetic_activations(args.rows, args.d_in)
         source = "synthetic (see module docstring)"
 
-    print(f"data: {source}, {acts.shape[0]} rows x d_in {acts.shape[1]}")
+    if not 0.0 <= args.heldout < 1.0:
+        raise SystemExit(f"--heldout {args.heldout}: a fraction in [0, 1), e.g. 0.2")
+    n_fit = acts.shape[0] - round(args.heldout * acts.shape[0])
+    fit_rows, score_rows = acts[:n_fit], (acts[n_fit:] if n_fit < acts.shape[0] else acts)
+    print(f"data: {source}, {acts.shape[0]} rows x d_in {acts.shape[1]}; fit on {n_fit} rows, "
+          f"scored on {'the last ' + str(score_rows.shape[0]) if args.heldout else 'the same'} rows")
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"load average before {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     header = (
         f"{'sae':8} {'l1':>7} {'exp':>4} {'d_sae':>6} {'steps':>6} {'s/SAE':>7} {'ms/step':>8} "
-        f"{'eval s':>7} {'ev_pub':>7} {'ev_std':>7} {'L0':>7} {'dead':>6}"
+        f"{'eval s':>7} {'mse':>9} {'ev_pub':>7} {'ev_std':>7} {'L0':>7} {'dead':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -102,15 +110,15 @@ def main() -> None:
                 {**base, "expansion": expansion, "steps": steps, "l1_coefficient": l1}
             )
             sae, info = train_sae(
-                acts, cfg, init_seed=0, hook_name="bench", model_name="bench", progress_bar=False
+                fit_rows, cfg, init_seed=0, hook_name="bench", model_name="bench", progress_bar=False
             )
             t0 = time.perf_counter()
-            metrics = evaluate_sae(sae, acts)
+            metrics = evaluate_sae(sae, score_rows)
             eval_seconds = time.perf_counter() - t0
             print(
                 f"{cfg.architecture:8} {l1!s:>7} {expansion:>4} {info['d_sae']:>6} {steps:>6} "
                 f"{info['total_seconds']:>7.1f} {1000 * info['seconds_per_step']:>8.1f} "
-                f"{eval_seconds:>7.1f} {metrics['ev_published']:>7.3f} "
+                f"{eval_seconds:>7.1f} {metrics['mse']:>9.3e} {metrics['ev_published']:>7.3f} "
                 f"{metrics['ev_standard']:>7.3f} {metrics['l0']:>7.1f} "
                 f"{metrics['dead_fraction']:>6.3f}",
                 flush=True,

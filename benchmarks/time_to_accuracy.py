@@ -125,24 +125,10 @@ def _recorder(budget_seconds: float, stop_at: float | None, clock: str = "cpu",
 
 def fp32_min_acc(model, datamodule) -> float:
     """val/min_acc of ``model`` evaluated in fp32 (for runs trained under bf16 autocast)."""
-    import torch
+    from polymorph.training.transformer_module import min_accuracy
 
-    from polymorph.tasks.dyck import HEADS
-    from polymorph.training.transformer_module import bucketed_forward
-
-    accs = []
     model.eval()
-    with torch.no_grad():
-        for batches in datamodule.eval_sets().values():
-            correct = {h: 0 for h in HEADS}
-            count = 0
-            for b in batches:
-                _, c, n = bucketed_forward(model, b, 4)
-                for h in HEADS:
-                    correct[h] += int(c[h])
-                count += n
-            accs += [correct[h] / count for h in HEADS]
-    return min(accs)
+    return min_accuracy(model, datamodule.eval_sets())
 
 
 def run_recipe(name: str, overrides: list[str], out: Path, threads: int, budget_seconds: float,

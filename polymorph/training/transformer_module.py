@@ -53,6 +53,24 @@ def bucketed_forward(
     return loss_sum, correct, int(lengths.sum())
 
 
+@torch.no_grad()
+def min_accuracy(model: HookedTransformer, eval_sets: dict[str, list[DyckBatch]],
+                 n_buckets: int = 4) -> float:
+    """``val/min_acc`` of ``model`` scored directly: the minimum over (set, head) of the share
+    of non-PAD positions predicted right, as validation computes it (for checks outside the
+    training loop, e.g. a saved checkpoint rescored in fp32)."""
+    accs = []
+    for batches in eval_sets.values():
+        correct = {h: 0 for h in HEADS}
+        count = 0
+        for batch in batches:
+            _, c, n = bucketed_forward(model, batch, n_buckets)
+            correct = {h: correct[h] + int(c[h]) for h in HEADS}
+            count += n
+        accs += [correct[h] / max(1, count) for h in HEADS]
+    return min(accs)
+
+
 class DyckTransformerModule(L.LightningModule):
     """The Dyck training loop around a HookedTransformer.
 

@@ -14,9 +14,8 @@ from polymorph.families.dyck import DyckFamily
 from polymorph.files import read_json
 from polymorph.pipeline import train
 from polymorph.runs import run_layout
-from polymorph.tasks.dyck import HEADS
 from polymorph.training.callbacks import WeightEMA
-from polymorph.training.transformer_module import MIN_ACC, bucketed_forward
+from polymorph.training.transformer_module import MIN_ACC, min_accuracy
 from tests.helpers.config import compose, smoke_overrides
 from tests.helpers.interrupt import train_interrupted_at
 
@@ -32,17 +31,7 @@ def layout_of(cfg):
 def min_acc(model, cfg) -> float:
     """val/min_acc of ``model`` on the run's evaluation sets, scored here."""
     data = instantiate(cfg.data, seed=int(cfg.seed))
-    accs = []
-    with torch.no_grad():
-        for batches in data.eval_sets().values():
-            correct = {h: 0 for h in HEADS}
-            count = 0
-            for batch in batches:
-                _, c, n = bucketed_forward(model, batch, int(cfg.training.length_buckets))
-                correct = {h: correct[h] + int(c[h]) for h in HEADS}
-                count += n
-            accs += [correct[h] / count for h in HEADS]
-    return min(accs)
+    return min_accuracy(model, data.eval_sets(), int(cfg.training.length_buckets))
 
 
 def test_the_average_is_validated_kept_and_differs_from_the_live_weights(tmp_path):

@@ -21,8 +21,10 @@ def train_interrupted_at(cfg, step: int, monkeypatch) -> None:
         return original(self, batch, batch_idx)
 
     handler = signal.getsignal(signal.SIGINT)
-    with monkeypatch.context() as patch:
-        patch.setattr(transformer_module.DyckTransformerModule, "training_step", interrupt)
-        with pytest.raises(SystemExit):
-            train(cfg)
-    signal.signal(signal.SIGINT, handler)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(transformer_module.DyckTransformerModule, "training_step", interrupt)
+            with pytest.raises(SystemExit):
+                train(cfg)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning installs its own handler

@@ -35,7 +35,7 @@ def stamps(layout: RunLayout) -> dict:
 
 @pytest.fixture(scope="module")
 def sequence(tmp_path_factory):
-    """Default sweep and io=shared, then sae.expansion=32 on both (a rerun of every transformer
+    """Default sweep and io=shared, then sae.expansion=16 on both (a rerun of every transformer
     run), analyses, comparison and report: one multirun per move, as a researcher types it."""
     root = tmp_path_factory.mktemp("ablations")
     common = ["experiment=smoke", f"paths.root={root}"]
@@ -48,10 +48,10 @@ def sequence(tmp_path_factory):
     out["shared_before"] = {s: stamps(r)
                             for s, r in find_seed_runs(root, "smoke", "io=shared").items()}
     out["rerun"] = run("train.py", "-m", "seed=0..1", "io=independent,shared",
-                       "sae.expansion=32", *common, in_turn, env=OFFLINE)
-    run("analyze.py", "-m", *common, "io=independent,shared", "sae.expansion=8,32", *ANALYSIS,
+                       "sae.expansion=16", *common, in_turn, env=OFFLINE)
+    run("analyze.py", "-m", *common, "io=independent,shared", "sae.expansion=8,16", *ANALYSIS,
         in_turn, env=OFFLINE)
-    ablations = "ablations=[io=independent,io=shared,sae.expansion=32]"
+    ablations = "ablations=[io=independent,io=shared,sae.expansion=16]"
     out["report"] = run("report.py", *common, *ANALYSIS, ablations, "--dry-run", env=OFFLINE)
     return out
 
@@ -62,14 +62,14 @@ def test_each_ablation_has_its_own_folder_and_the_sae_ablation_trains_no_transfo
     shared = find_seed_runs(root, "smoke", "io=shared")
     assert sorted(plain) == sorted(shared) == [0, 1]
     assert all(r.is_finished() for r in [*plain.values(), *shared.values()])
-    # the x32 SAEs sit beside the x8 ones in the plain runs, whose transformers are untouched
+    # the x16 SAEs sit beside the x8 ones in the plain runs, whose transformers are untouched
     for seed, layout in plain.items():
         assert stamps(layout) == sequence["plain_before"][seed]
         for site in (layout.saes).iterdir():
             ids = sorted(p.name for p in site.iterdir())
             assert len(ids) == 2
-            assert any("-x32-" in i for i in ids) and any("-x8-" in i for i in ids)
-    assert not (root / "smoke" / "sae.expansion=32" / "seed=0").exists()
+            assert any("-x16-" in i for i in ids) and any("-x8-" in i for i in ids)
+    assert not (root / "smoke" / "sae.expansion=16" / "seed=0").exists()
     assert "reused" in sequence["rerun"].stdout
     # the io=shared cohort's anchor is its own: the shared embedding differs from the plain one
     from safetensors.torch import load_file
@@ -91,10 +91,10 @@ def test_each_ablation_is_analysed_in_its_own_folder_and_compared_in_one_table(s
     # the analysis keys (smaller nulls) are part of each folder name, common to all three
     found = sorted(p.parent.relative_to(exp).as_posix() for p in exp.rglob("results.json"))
     assert len(found) == 4 and sum(f.startswith("io=shared/") for f in found) == 2
-    assert sum("sae.expansion=32" in f for f in found) == 2
+    assert sum("sae.expansion=16" in f for f in found) == 2
     comparison = json.loads((exp / "comparison" / "comparison.json").read_text())
     assert [a["name"] for a in comparison["ablations"]] == ["smoke preset", "io=shared",
-                                                           "sae.expansion=32"]
+                                                           "sae.expansion=16"]
     for entry in comparison["ablations"]:
         assert entry["seeds"] == [0, 1] and entry["headline"]
     md = (exp / "comparison" / "comparison.md").read_text()
@@ -170,7 +170,7 @@ def test_a_terminal_run_shows_each_log_line_once_and_no_library_noise(tmp_path):
 def test_a_misspelt_site_fails_within_seconds_before_anything_is_imported_or_trained(tmp_path):
     start = time.monotonic()
     proc = run("train.py", "experiment=smoke", "sites=[blocks.1.hook_resid_mid,"
-               "blocks.9.hook_resid_post]", f"paths.root={tmp_path}", check=False)
+               "blocks.9.hook_resid_post]", f"paths.root={tmp_path}", check=False, fresh=True)
     elapsed = time.monotonic() - start
     assert proc.returncode == 1 and elapsed < 10, elapsed
     (line,) = proc.stderr.strip().splitlines()

@@ -67,3 +67,20 @@ def test_default_probe_reads_cpuinfo_and_times_both_dtypes(monkeypatch):
     choice = choose_precision("auto", "cpu")
     assert set(choice.probe_ms) == {"fp32", "bf16"} and all(v > 0 for v in choice.probe_ms.values())
     assert choice.precision in ("bf16-mixed", "32-true")
+
+
+def test_a_burst_of_load_during_the_probe_slows_both_dtypes_alike():
+    """The first five timed passes run on a loaded machine (10 ms), the rest on a quiet one
+    (1 ms). Timed one dtype after the other, the burst would fall on fp32 alone and bf16 would
+    look 10x faster; alternated, each dtype's best pass is a quiet one."""
+    clock = {"now": 0.0, "calls": 0}
+
+    def timer():
+        clock["calls"] += 1
+        if clock["calls"] % 2 == 0:  # the end of a timed pass
+            clock["now"] += 0.010 if clock["calls"] <= 10 else 0.001
+        return clock["now"]
+
+    timings = precision_module.probe_matmul(repeats=7, timer=timer)
+    assert timings == {"fp32": 1.0, "bf16": 1.0}
+    assert clock["calls"] == 2 * 2 * 7  # both dtypes, every repeat

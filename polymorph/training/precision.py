@@ -58,8 +58,8 @@ def probe_matmul(repeats: int = 7, timer: Callable[[], float] = time.perf_counte
 
     The two dtypes' passes alternate, so that a burst of load from another process (a second
     seed starting, a test worker) slows both alike instead of deciding the choice: timed one
-    dtype after the other, a loaded machine once made fp32 look 2.4x slower than it is and
-    ``auto`` picked bf16 where it costs 1.25x per training step."""
+    dtype after the other, load during the fp32 passes alone can make bf16 look faster on a CPU
+    where it is slower."""
     gen = torch.Generator().manual_seed(0)
     pairs = [(torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen))
              for m, k, n in PROBE_SHAPES]

@@ -5,6 +5,7 @@ import hydra  # noqa: F401
 import lightning  # noqa: F401
 import sae_lens  # noqa: F401
 import transformer_lens  # noqa: F401
+import wandb.sdk.launch  # noqa: F401  (wandb.init imports it in every offline run's process)
 
 import polymorph.analysis.runner
 import polymorph.compare

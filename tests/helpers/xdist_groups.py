@@ -23,6 +23,12 @@ from pathlib import Path
 COSTLY_FIXTURES = frozenset({"smoke_runs", "smoke_context", "smoke_analysis", "shared_runs",
                              "lm_runs", "lm_context", "lm_analysis"})
 COSTLY_UNIT = "costly-session-fixtures"
+# Units handed out first, longest first, so that the long ones do not start last on one worker
+# while the other sits idle (xdist's own order is by number of tests). Each of these files
+# starts processes of its own or runs the entry points several times. Only the wall time
+# depends on this list; a file missing from it, or listed but gone, changes nothing else.
+LONG_UNITS = (COSTLY_UNIT, "tests/cli/test_ablations.py", "tests/cli/test_cli.py",
+              "tests/training/test_ddp.py", "tests/benchmarks/test_time_to_accuracy.py")
 _NAMES = re.compile(r"\b(" + "|".join(sorted(COSTLY_FIXTURES)) + r")\b")
 
 
@@ -55,12 +61,28 @@ def check_costly_files(items, costly: frozenset[str]) -> None:
             "add the fixture in between to COSTLY_FIXTURES in tests/helpers/xdist_groups.py")
 
 
-def make_scheduler(config, log, costly: frozenset[str]):
-    """xdist's scope scheduler with the units above."""
+def long_units_first(queue: dict, long_units=LONG_UNITS) -> None:
+    """Move the listed units that are still waiting to the front of ``queue`` (an
+    OrderedDict of unit -> tests), in the order listed; the rest keep their order."""
+    for unit in reversed(long_units):
+        if unit in queue:
+            queue.move_to_end(unit, last=False)
+
+
+def file_units(costly: frozenset[str]):
+    """xdist's scope scheduler with the units above, the long ones handed out first."""
     from xdist.scheduler import LoadScopeScheduling
 
     class FileUnits(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return unit_of(nodeid, costly)
 
-    return FileUnits(config, log)
+        def _assign_work_unit(self, node) -> None:
+            long_units_first(self.workqueue)
+            super()._assign_work_unit(node)
+
+    return FileUnits
+
+
+def make_scheduler(config, log, costly: frozenset[str]):
+    return file_units(costly)(config, log)

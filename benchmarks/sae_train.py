@@ -5,6 +5,13 @@
     python benchmarks/sae_train.py --steps 250 500 1000   # quality/time against steps
     python benchmarks/sae_train.py --activations acts.safetensors --key blocks.0.hook_resid_post
     python benchmarks/sae_train.py --activations acts.safetensors --heldout 0.2 --steps 250 1000 4000
+    python benchmarks/sae_train.py --activations acts.safetensors --heldout 0.2 --curve \
+        --steps 1000 2000 4000 8000 16000                # one SAE, scored along the way
+
+``--curve`` trains one SAE for the largest ``--steps`` and scores it on the held-out rows at
+each listed step (sae-lens' Adam has a constant learning rate, so the SAE at step s of that run
+is the one a run of s steps ends with, up to the last-step bookkeeping); without it every step
+count is its own SAE from the same initialisation.
 
 Without ``--activations`` the data are SYNTHETIC stand-ins for residual activations (100k rows,
 d_in 64): a mean offset, a dense rank-4 component, a sparse superposition of 1024 unit-norm
@@ -30,6 +37,43 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from polymorph.sae import SAETrainConfig, evaluate_sae, train_sae
+
+
+class HeldoutCurve:
+    """Lightning callback: at each of ``at_steps``, convert the SAE being trained to an
+    inference SAE exactly as ``train_sae`` does at the end (sae-lens ``save_inference_model``,
+    then ``load_from_disk(fold_W_dec_norm=True)``) and score it on ``rows``."""
+
+    def __init__(self, at_steps: list[int], rows: torch.Tensor, on_point) -> None:
+        self.at, self.rows, self.on_point = set(at_steps), rows, on_point
+        self.t0, self.scoring = time.perf_counter(), 0.0
+
+    def as_lightning(self):
+        import lightning.pytorch as pl
+
+        outer = self
+
+        class _Callback(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.global_step in outer.at:
+                    outer.score(trainer.global_step, pl_module.sae)
+
+        return _Callback()
+
+    def score(self, step: int, training_sae) -> None:
+        import tempfile
+
+        from sae_lens import SAE
+
+        t = time.perf_counter()
+        fit_seconds = t - self.t0 - self.scoring  # training only, not the earlier scoring
+        with tempfile.TemporaryDirectory(prefix="sae-curve-") as tmp:
+            training_sae.save_inference_model(Path(tmp))
+            sae = SAE.load_from_disk(Path(tmp), device="cpu", fold_W_dec_norm=True)
+        sae.eval()
+        metrics = evaluate_sae(sae, self.rows)
+        self.scoring += time.perf_counter() - t
+        self.on_point(step, fit_seconds, metrics)
 
 
 def synthetic_activations(
@@ -69,7 +113,12 @@ def main() -> None:
     parser.add_argument("--heldout", type=float, default=0.0,
                         help="score on this last fraction of the rows, train on the rest")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--curve", action="store_true",
+                        help="one SAE per expansion and l1, scored at every --steps value")
     args = parser.parse_args()
+    if args.curve and not args.steps:
+        raise SystemExit("--curve scores one SAE at every --steps value: give them, "
+                         "e.g. --steps 1000 2000 4000 8000")
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     if args.threads is not None:
@@ -102,6 +151,10 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
+    if args.curve:
+        run_curve(args, base, fit_rows, score_rows)
+        print(f"load average after {os.getloadavg()[0]:.1f}")
+        return
     for expansion in args.expansions:
         for steps, l1 in itertools.product(
             args.steps or [base["steps"]], args.l1 or [base["l1_coefficient"]]
@@ -124,6 +177,34 @@ def main() -> None:
                 flush=True,
             )
     print(f"load average after {os.getloadavg()[0]:.1f}")
+
+
+def run_curve(args, base: dict, fit_rows: torch.Tensor, score_rows: torch.Tensor) -> None:
+    """One SAE per (expansion, l1), trained for max(--steps) and scored at every --steps."""
+    from functools import partial
+
+    import lightning.pytorch as pl
+
+    for expansion, l1 in itertools.product(args.expansions, args.l1 or [base["l1_coefficient"]]):
+        cfg = SAETrainConfig.from_dict(
+            {**base, "expansion": expansion, "steps": max(args.steps), "l1_coefficient": l1}
+        )
+
+        def point(step, seconds, m, cfg=cfg, l1=l1, expansion=expansion):
+            print(
+                f"{cfg.architecture:8} {l1!s:>7} {expansion:>4} {cfg.d_sae(fit_rows.shape[1]):>6} "
+                f"{step:>6} {seconds:>7.1f} {1000 * seconds / step:>8.1f} {'-':>7} "
+                f"{m['mse']:>9.3e} {m['ev_published']:>7.3f} {m['ev_standard']:>7.3f} "
+                f"{m['l0']:>7.1f} {m['dead_fraction']:>6.3f}",
+                flush=True,
+            )
+
+        curve = HeldoutCurve(sorted(args.steps), score_rows, point)
+        trainer = partial(pl.Trainer, accelerator="cpu", devices=1, precision="32-true",
+                          enable_checkpointing=False, enable_model_summary=False,
+                          num_sanity_val_steps=0, callbacks=[curve.as_lightning()])
+        train_sae(fit_rows, cfg, init_seed=0, hook_name="bench", model_name="bench",
+                  progress_bar=False, trainer=trainer)
 
 
 if __name__ == "__main__":

@@ -3,22 +3,18 @@ that a run of s steps ends with (the claim the SAE-steps results rest on)."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "sae_train.py"
+from tests.helpers.benchmarks import load_benchmark
+
 SMALL = ["--rows", "6000", "--expansions", "2", "--heldout", "0.25", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("sae_train_bench", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sae_train")
 
 
 def _rows(bench, argv, monkeypatch, capsys) -> dict[int, list[str]]:

@@ -27,6 +27,7 @@ from polymorph.sae.crosscoder import Crosscoder
 from polymorph.sae.crosscoder_config import CrosscoderConfig, crosscoder_config_id
 from polymorph.sae.module import DEAD_FEATURE_WINDOW_STEPS
 from polymorph.sae.train import check_activations, fit_in_memory
+from polymorph.step_logging import StepLog
 
 
 def batch_indices(n: int, *, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
@@ -115,6 +116,7 @@ class CrosscoderTrainingModule(pl.LightningModule):
                              torch.zeros(crosscoder.cfg.d_latent, dtype=torch.long),
                              persistent=False)
         self.loss_history: list[float] = []
+        self.step_log = StepLog()
 
     def dead_neuron_mask(self) -> torch.Tensor:
         """Latents that fired on no row of the last ``dead_feature_window`` minibatches."""
@@ -129,15 +131,16 @@ class CrosscoderTrainingModule(pl.LightningModule):
             self.steps_since_fired[active.any(dim=0)] = 0
             l0 = active.sum(dim=-1).float().mean()
         p = self.log_prefix
-        self.log(f"{p}/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
-        for name, value in out.losses.items():
-            self.log(f"{p}/{name}", value.detach(), on_step=True, on_epoch=False)
-        for s, value in enumerate(out.per_seed_mse):
-            self.log(f"{p}/mse_loss_seed{s}", value, on_step=True, on_epoch=False)
-        self.log(f"{p}/l0", l0, prog_bar=True, on_step=True, on_epoch=False)
-        self.log(f"{p}/dead_features", dead.sum().float(), on_step=True, on_epoch=False)
+        metrics = {f"{p}/loss": out.loss.detach(),
+                   **{f"{p}/{name}": value.detach() for name, value in out.losses.items()},
+                   **{f"{p}/mse_loss_seed{s}": v for s, v in enumerate(out.per_seed_mse)},
+                   f"{p}/l0": l0, f"{p}/dead_features": dead.sum().float()}
+        self.step_log.log(self, metrics, prog_bar=(f"{p}/loss", f"{p}/l0"))
         self.loss_history.append(float(out.loss.detach()))
         return out.loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.step_log.on_train_batch_end(self)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.crosscoder.parameters(), lr=self.lr)

@@ -60,6 +60,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.optim import CoefficientScheduler
 
 from polymorph.sae.config import SAETrainConfig
+from polymorph.step_logging import StepLog
 
 # A feature counts as dead for TopK's auxiliary loss once it has not fired on any row of this
 # many consecutive minibatches (sae-lens' ``dead_feature_window``, whose default of 1000 steps
@@ -164,6 +165,7 @@ class SAETrainingModule(pl.LightningModule):
                 warm_up_steps=coeff.warm_up_steps, final_value=coeff.value
             )
         self.loss_history: list[float] = []
+        self.step_log = StepLog()
 
     def dead_neuron_mask(self) -> torch.Tensor:
         """Features that fired on no row of the last ``dead_feature_window`` minibatches."""
@@ -186,15 +188,15 @@ class SAETrainingModule(pl.LightningModule):
             self.steps_since_fired[active.any(dim=0)] = 0
             l0 = active.sum(dim=-1).float().mean()
         p = self.log_prefix
-        self.log(f"{p}/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
-        for name, value in out.losses.items():
-            self.log(f"{p}/{name}", value.detach(), on_step=True, on_epoch=False)
-        self.log(f"{p}/l0", l0, prog_bar=True, on_step=True, on_epoch=False)
-        self.log(f"{p}/dead_features", dead.sum().float(), on_step=True, on_epoch=False)
+        metrics = {f"{p}/loss": out.loss.detach(),
+                   **{f"{p}/{name}": value.detach() for name, value in out.losses.items()},
+                   f"{p}/l0": l0, f"{p}/dead_features": dead.sum().float()}
+        self.step_log.log(self, metrics, prog_bar=(f"{p}/loss", f"{p}/l0"))
         self.loss_history.append(float(out.loss.detach()))
         return out.loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.step_log.on_train_batch_end(self)
         for scheduler in self.coefficient_schedulers.values():
             scheduler.step()
 

@@ -18,6 +18,7 @@ from transformer_lens import HookedTransformer
 from polymorph.models.dyck import split_logits
 from polymorph.tasks.datamodule import EVAL_SPLITS
 from polymorph.tasks.dyck import HEADS, DyckBatch
+from polymorph.step_logging import StepLog
 from polymorph.training.schedules import LRSchedule
 
 MIN_ACC = "val/min_acc"
@@ -111,6 +112,7 @@ class DyckTransformerModule(L.LightningModule):
         self._val_correct: dict[str, dict[str, int]] = {}
         self._val_count: dict[str, int] = {}
         self.last_val_metrics: dict[str, float] = {}
+        self.step_log = StepLog()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
@@ -118,12 +120,14 @@ class DyckTransformerModule(L.LightningModule):
     def training_step(self, batch: DyckBatch, batch_idx: int) -> torch.Tensor:
         loss_sum, correct, n_tokens = bucketed_forward(self.model, batch, self.length_buckets)
         loss = sum(self.head_weights[h] * loss_sum[h] for h in HEADS) / n_tokens
-        self.log("train/loss", loss, prog_bar=True, batch_size=n_tokens)
-        self.log("train/lr", self.current_lr(), batch_size=1)
-        for head in HEADS:
-            self.log(f"train/acc_{head}", correct[head].float() / n_tokens, batch_size=n_tokens)
-        self.log("train/real_tokens", float(n_tokens), reduce_fx="sum", batch_size=1)
+        metrics = {"train/loss": loss.detach(), "train/lr": self.current_lr(),
+                   **{f"train/acc_{h}": correct[h].float() / n_tokens for h in HEADS},
+                   "train/real_tokens": float(n_tokens)}
+        self.step_log.log(self, metrics, prog_bar=("train/loss",))
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.step_log.on_train_batch_end(self)
 
     # -- validation: accumulate counts ourselves so min_acc is exact ------------
     def on_validation_epoch_start(self) -> None:

@@ -69,6 +69,20 @@ def _fork_server() -> multiprocessing.context.BaseContext:
     return _context
 
 
+def start(script: str, *args: str, env: dict | None = None, cwd: Path = REPO):
+    """``python <script> <args>`` started as ``run`` starts it, not waited for, discarding its
+    output; the child leads a session of its own, so ``os.killpg(child.pid, SIGKILL)`` ends it
+    and every process it started (a DDP run's other ranks) at once. Returns the
+    ``multiprocessing`` process (``join``, ``exitcode``)."""
+    child = _fork_server().Process(
+        target=_main,
+        args=(str(REPO / script), list(args), str(cwd), {**ENV, **(env or {})}, os.devnull,
+              os.devnull, True),
+    )
+    child.start()
+    return child
+
+
 def _run_forked(
     script: str, args: list[str], cwd: Path, env: dict, timeout: float
 ) -> subprocess.CompletedProcess:
@@ -96,13 +110,16 @@ def _run_forked(
         )
 
 
-def _main(script: str, args: list[str], cwd: str, env: dict, out: str, err: str) -> None:
+def _main(script: str, args: list[str], cwd: str, env: dict, out: str, err: str,
+          new_session: bool = False) -> None:
     """In the child: become ``python <script> <args>`` run from ``cwd`` with ``env``."""
     import atexit
     import logging
     import runpy
     import threading
 
+    if new_session:
+        os.setsid()
     # the exit handlers the fork server registered are its own (wandb's media folder, for one,
     # is removed by one): the child keeps only logging's, as a fresh interpreter has it
     atexit._clear()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import torch
@@ -15,8 +13,7 @@ from safetensors.torch import load_file
 from polymorph.files import read_json
 from polymorph.layout import RunLayout
 from polymorph.tasks.datamodule import DyckDataModule
-from tests.helpers.cli import ENV, run
-from tests.helpers.config import REPO
+from tests.helpers.cli import run, start
 
 DDP = ["experiment=smoke", "name=ddp", "stage=transformer", "logger=none", "trainer=ddp",
        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
@@ -46,18 +43,15 @@ def test_a_two_process_ddp_run_finishes_and_resumes_bit_exactly(tmp_path):
     assert reference.is_finished() and sorted(reference.step_checkpoints()) == [10, 20, 30]
 
     # the same run, killed (both processes) once its first checkpoint is written, then rerun
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *DDP,
-                             f"paths.root={broken}"], cwd=REPO,
-                            env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start("train.py", *DDP, f"paths.root={broken}", env={"OMP_NUM_THREADS": "1"})
     layout = RunLayout.for_seed(broken, "ddp", 0)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
+    while time.monotonic() < deadline and proc.exitcode is None:
         if layout.resume_state.is_file() and layout.checkpoint_index.is_file():
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.join()
     assert not layout.is_finished(), "the run finished before it could be interrupted"
     run("train.py", *DDP, f"paths.root={broken}", env={"OMP_NUM_THREADS": "1"})
     assert layout.is_finished()

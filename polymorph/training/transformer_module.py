@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from transformer_lens import HookedTransformer
 
 from polymorph.models.dyck import split_logits
+from polymorph.step_logging import StepLog
 from polymorph.tasks.datamodule import EVAL_SPLITS
 from polymorph.tasks.dyck import HEADS, DyckBatch
-from polymorph.step_logging import StepLog
 from polymorph.training.schedules import LRSchedule
 
 MIN_ACC = "val/min_acc"

@@ -89,3 +89,29 @@ def test_the_loggers_receive_what_logging_every_step_gives(tmp_path, max_steps, 
     assert calls_every == 2 * (stop_at or max_steps)
     assert 2 * len(rows) <= calls <= 2 * (len(rows) + 1)
     assert calls < calls_every or every_n == 1
+
+
+def test_the_sae_module_writes_the_stopping_steps_own_values(tmp_path):
+    """The SAE trainer through StepLog: a run a callback stops between written steps ends
+    with that step's loss in the logger and in ``callback_metrics``, not the last written one's."""
+    from functools import partial
+
+    from polymorph.sae import SAETrainConfig, train_sae
+
+    cfg = SAETrainConfig(architecture="relu_l1", expansion=2, l1_coefficient=1e-2, k=None,
+                         lr=2e-3, batch_size=64, steps=120, init_seed="shared",
+                         shared_init_seed=0, data_seed=0)
+    trainer = partial(pl.Trainer, accelerator="cpu", devices=1, precision="32-true",
+                      enable_checkpointing=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, callbacks=[StopAt(57)])
+    logger = CSVLogger(tmp_path, name="sae")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, info = train_sae(torch.randn(2000, 8), cfg, init_seed=0, hook_name="h",
+                            model_name="m", progress_bar=False, logger=logger, trainer=trainer)
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("sae/loss")]
+    assert [int(r["step"]) for r in rows] == [49, 56]  # every 50th step, and the stop
+    for row in rows:
+        assert float(row["sae/loss"]) == pytest.approx(info["loss_history"][int(row["step"])],
+                                                       rel=1e-6)

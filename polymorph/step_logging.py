@@ -2,9 +2,9 @@
 
 Lightning writes a training step's ``on_step`` values to its loggers every ``log_every_n_steps``
 steps and at a stop; what is logged on the other steps is overwritten unread. Yet each
-``LightningModule.log`` call costs about a millisecond on a CPU (Lightning moves its whole
-record of the metric to the value's device on every call), which for a small SAE is more than
-the step's own arithmetic. So the training modules log through :class:`StepLog`: on a step
+``LightningModule.log`` call does Python work on every step (Lightning moves its whole record
+of the metric to the value's device on every call), which is a noticeable part of a small
+SAE's step (docs/benchmarks.md). So the training modules log through :class:`StepLog`: on a step
 Lightning writes, at once; on any other step it holds the values, and logs them from
 ``on_train_batch_end`` if a callback stopped the run in that step (Lightning then writes that
 step too, and would otherwise write the last written step's values under this step's number) or

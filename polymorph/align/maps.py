@@ -14,6 +14,10 @@ Families (``MAP_FAMILIES``):
   s = tr(S) / ||Xs_c||_F^2, S the singular values of Xs_c^T Xt_c);
 * ``linear``: x -> x W, W by least squares through the origin (no offsets), optional ridge;
 * ``affine``: centre, x_c -> x_c W (least squares, optional ridge), add the target mean.
+
+Between ``scaled_orthogonal`` and ``affine``, ``fit_rank_corrected`` asks how many directions
+the rest of the linear map needs: the scaled rotation plus the best rank-k linear correction
+(rank 0 is the scaled rotation, rank d the affine map).
 """
 
 from __future__ import annotations
@@ -99,6 +103,71 @@ def fit_map(source: torch.Tensor, target: torch.Tensor, family: str, ridge: floa
         return FittedMap(family, _least_squares(xs, xt, ridge), zero, zero, n)
     mu_s, mu_t = xs.mean(0), xt.mean(0)
     return FittedMap(family, _least_squares(xs - mu_s, xt - mu_t, ridge), mu_s, mu_t, n)
+
+
+def fit_rank_corrected(source: torch.Tensor, target: torch.Tensor, rank: int,
+                       max_iter: int = 200, tol: float = 1e-8) -> FittedMap:
+    """A scaled rotation plus a linear correction of rank <= ``rank``, fitted jointly (float64).
+
+    On the centred rows ``x_c``, ``y_c``: minimise ||y_c - x_c (s R + B)||_F over s >= 0, R in
+    O(d) and rank(B) <= ``rank``. There is no closed form for the joint problem, so it
+    alternates the two that have one, each never raising the loss: given B, (s, R) is the
+    scaled Procrustes fit of ``y_c - x_c B`` (SVD of the cross-covariance); given s R, B is the
+    reduced-rank regression of ``y_c - x_c s R`` on ``x_c`` (the least-squares map projected
+    onto the top-``rank`` right singular directions of its fitted values). It starts from B = 0
+    (the scaled rotation; ``fit_rank_corrected_maps`` starts each rank from the fit of the
+    rank below it) and stops when an iteration lowers the loss by less than ``tol`` of
+    the target's total variance (or after ``max_iter``). ``rank=0`` is ``scaled_orthogonal``;
+    ``rank=d`` is ``affine``. How fast the held-out EV climbs between the two says whether what
+    a rotation misses is a few directions (a low-rank linear part) or spread over all of them.
+    """
+    return fit_rank_corrected_maps(source, target, [rank], max_iter, tol)[rank]
+
+
+def fit_rank_corrected_maps(source: torch.Tensor, target: torch.Tensor, ranks,
+                            max_iter: int = 200, tol: float = 1e-8) -> dict[int, FittedMap]:
+    """``fit_rank_corrected`` for several ranks, sharing the d x d statistics they all use."""
+    ranks = list(ranks)
+    for rank in ranks:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"rank must be an integer >= 0, got {rank!r}")
+    _check(source, target)
+    n, d = source.shape
+    if any(rank > d for rank in ranks):
+        raise ValueError(f"rank={max(ranks)} exceeds the activations' dimension d={d}")
+    xs, xt = source.double(), target.double()
+    mu_s, mu_t = xs.mean(0), xt.mean(0)
+    xs_c, xt_c = xs - mu_s, xt - mu_t
+    # everything below is d x d: the Gram matrix, the cross-covariance, the least-squares map
+    gram, cross = xs_c.T @ xs_c, xs_c.T @ xt_c
+    ols = _least_squares(xs_c, xt_c, 0.0)
+    total = float(xt_c.pow(2).sum())
+    out = {}
+    correction = torch.zeros(d, d, dtype=torch.float64)
+    for rank in sorted(ranks):  # each rank starts from the last one's fit (a warm start)
+        if rank == 0:
+            out[rank] = fit_map(source, target, "scaled_orthogonal")
+            continue
+        if rank == d:
+            out[rank] = FittedMap(f"scaled_orthogonal+rank{rank}", ols, mu_s, mu_t, n)
+            continue
+        previous = float("inf")
+        for _ in range(max_iter):
+            u, sv, vh = torch.linalg.svd(cross - gram @ correction)
+            scaled = float(sv.sum() / torch.trace(gram)) * (u @ vh)
+            # least squares of the residual is ols - scaled: least squares is linear in the target
+            w = ols - scaled
+            _, vecs = torch.linalg.eigh(w.T @ gram @ w)  # ascending: the last are the top ones
+            top = vecs[:, -rank:]
+            correction = w @ top @ top.T
+            m = scaled + correction
+            loss = total - 2 * float((m * cross).sum()) + float((m * (gram @ m)).sum())
+            if previous - loss <= tol * total:
+                break
+            previous = loss
+        out[rank] = FittedMap(f"scaled_orthogonal+rank{rank}", scaled + correction, mu_s, mu_t,
+                              n)
+    return out
 
 
 def score_map(fitted: FittedMap, source: torch.Tensor, target: torch.Tensor) -> dict[str, float]:

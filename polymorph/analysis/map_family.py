@@ -3,7 +3,9 @@
 Per (pair (a, b), site): every family of ``polymorph.align.maps`` fitted from seed b's fit-batch
 activations onto seed a's, scored on the scored batch (held out by default) under both EV
 definitions; the orthogonal share = EV_standard(orthogonal) / EV_standard(affine); and linear CKA
-of the two seeds' scored activations.
+of the two seeds' scored activations. Between the scaled rotation and the affine map, the
+scaled rotation plus a linear correction of rank k (``fit_rank_corrected_maps``, for each k of
+``ranks``) says how many directions the rest of the linear map needs.
 
 Every EV and share has a percentile-bootstrap interval over the scored sequences (one set of
 resamples for every family, so the share's interval is that of the ratio); per-site means over
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from polymorph.align.maps import MAP_FAMILIES, fit_map, linear_cka
+from polymorph.align.maps import MAP_FAMILIES, fit_map, fit_rank_corrected_maps, linear_cka
 from polymorph.align.statistics import EVSums, ev_from_sums
 from polymorph.analysis.base import AnalysisCallback
 from polymorph.analysis.intervals import (
@@ -37,8 +39,13 @@ class MapFamily(AnalysisCallback):
     name = "map_family"
 
     def __init__(self, ridge: float = 0.0, n_boot: int = 1000, level: float = 0.95,
-                 boot_seed: int = 0) -> None:
+                 boot_seed: int = 0, ranks=(1, 2, 4, 8, 16)) -> None:
         self.ridge = float(ridge)
+        ranks = list(ranks or [])
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ranks):
+            raise ValueError(f"ranks={ranks} must be integers >= 1, e.g. [1, 2, 4, 8, 16] "
+                             "(or [] for none)")
+        self.ranks = sorted(set(ranks))
         self.n_boot = check_n_boot(n_boot)
         if not 0.0 < float(level) < 1.0:
             raise ValueError(f"level={level} must be in (0, 1), e.g. 0.95")
@@ -66,6 +73,7 @@ class MapFamily(AnalysisCallback):
                     row[f"{family}_{definition}"] = float(value)
                     row[f"{family}_{definition}_ci"] = boot.ci(rep[family][definition],
                                                                float(value))
+            self._rank_corrected(src_fit, tgt_fit, src, tgt, groups, boot, row, rep)
             row["orthogonal_share"] = row["orthogonal_ev_standard"] / row["affine_ev_standard"]
             rep["orthogonal_share"] = (rep["orthogonal"]["ev_standard"]
                                        / rep["affine"]["ev_standard"])
@@ -91,6 +99,17 @@ class MapFamily(AnalysisCallback):
             entry["orthogonal_share_ci"] = boot.over_pairs(
                 [reps[k]["orthogonal_share"] for k in keys], pts)
             entry["cka"] = mean(r["cka"] for r in site_rows)
+            for d in DEFINITIONS:
+                name = f"rank_corrected_{d}"
+                ranks = [k for k in site_rows[0][name]]
+                entry[name] = {k: mean([r[name][k] for r in site_rows]) for k in ranks}
+                entry[f"{name}_ci"] = {
+                    k: boot.over_pairs([reps[key][name][k] for key in keys],
+                                       [r[name][k] for r in site_rows]) for k in ranks}
+            closed = [r["gap_closed"] for r in site_rows]
+            entry["gap_closed"] = {
+                k: (None if any(c[k] is None for c in closed) else mean([c[k] for c in closed]))
+                for k in site_rows[0]["gap_closed"]}
             per_site[site] = entry
         return {
             "definitions": {
@@ -103,15 +122,48 @@ class MapFamily(AnalysisCallback):
                 + (f" (ridge {self.ridge})" if self.ridge else ""),
                 "orthogonal_share": "ev_standard(orthogonal) / ev_standard(affine): 1 means the best "
                 "general linear map adds nothing to a rotation",
+                "rank_corrected_ev_standard / rank_corrected_ev_published": "keyed by k: EV "
+                "(as above) of the scaled rotation plus a linear correction of rank <= k, fitted "
+                "jointly on the fit batch (polymorph.align.maps.fit_rank_corrected, to 1e-8 of the variance); k = 0 is "
+                "scaled_orthogonal, k = d would be affine",
+                "gap_closed": "keyed by k: (ev_standard(rank k) - ev_standard(scaled_orthogonal)) "
+                "/ (ev_standard(affine) - ev_standard(scaled_orthogonal)), the share of what the "
+                "general linear map adds to the scaled rotation that k directions recover; null "
+                "where that gap is below 1e-6",
+                "ranks": "the correction ranks fitted (those below the activations' dimension)",
                 "cka": "linear CKA of the two seeds' scored activations (1 = identical up to "
                 "rotation and isotropic scale); no interval",
                 "per_site": "means over the site's pairs; *_ci over pairs and sequences",
                 **INTERVAL_DEFINITION,
             },
             "families": list(MAP_FAMILIES),
+            "ranks": sorted({int(k) for r in rows for k in r["rank_corrected_ev_standard"]}),
             "rows": rows,
             "per_site": per_site,
         }
+
+    def _rank_corrected(self, src_fit, tgt_fit, src, tgt, groups, boot, row, rep) -> None:
+        """The scaled rotation plus a rank-k linear correction, for every k below d."""
+        d = src.shape[1]
+        for definition in DEFINITIONS:
+            row[f"rank_corrected_{definition}"] = {}
+            row[f"rank_corrected_{definition}_ci"] = {}
+            rep[f"rank_corrected_{definition}"] = {}
+        row["gap_closed"] = {}
+        gap = row["affine_ev_standard"] - row["scaled_orthogonal_ev_standard"]
+        ranks = [k for k in self.ranks if k < d]
+        for k, fitted in fit_rank_corrected_maps(src_fit, tgt_fit, ranks).items():
+            sums = EVSums.from_rows(fitted.apply(src.double()), tgt.double(), groups)
+            reps = boot.ev(sums)
+            for definition, value in ev_from_sums(sums).items():
+                name = f"rank_corrected_{definition}"
+                row[name][str(k)] = float(value)
+                row[f"{name}_ci"][str(k)] = boot.ci(reps[definition], float(value))
+                rep[name][str(k)] = reps[definition]
+            row["gap_closed"][str(k)] = (
+                None if gap < 1e-6
+                else (row["rank_corrected_ev_standard"][str(k)]
+                      - row["scaled_orthogonal_ev_standard"]) / gap)
 
     @staticmethod
     def per_site(ctx, result) -> dict:
@@ -142,7 +194,36 @@ class MapFamily(AnalysisCallback):
             ax.set_title(f"{site}: map families, bars = mean (95% intervals), dots = pairs",
                          fontsize=9)
             paths.append(save(fig, fig_dir / f"map_family_{site}.png"))
+        ranks = result.get("ranks", [])
+        if ranks:
+            paths.append(self._rank_figure(result, ranks, fig_dir))
         return paths
+
+    @staticmethod
+    def _rank_figure(result: dict, ranks: list[int], fig_dir: Path) -> Path:
+        """Held-out EV against the correction's rank, every site: 0 = the scaled rotation,
+        the dotted level = the affine map."""
+        fig, ax = plt.subplots(figsize=(6.5, 3.6))
+        for i, (site, s) in enumerate(result["per_site"].items()):
+            ks = [k for k in ranks if str(k) in s["rank_corrected_ev_standard"]]
+            xs = [0, *ks]
+            ys = [s["scaled_orthogonal_ev_standard"],
+                  *[s["rank_corrected_ev_standard"][str(k)] for k in ks]]
+            cis = [s.get("scaled_orthogonal_ev_standard_ci"),
+                   *[s["rank_corrected_ev_standard_ci"][str(k)] for k in ks]]
+            colour = f"C{i}"
+            ax.errorbar(xs, ys, yerr=error_bars(ys, cis), marker="o", ms=3, capsize=2,
+                        color=colour, label=site)
+            ax.axhline(s["affine_ev_standard"], color=colour, ls=":", lw=0.9)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks([0, *ranks])
+        ax.set_xticklabels([str(k) for k in [0, *ranks]])
+        ax.set_xlabel("rank of the linear correction on top of the scaled rotation")
+        ax.set_ylabel("held-out EV (ev_standard)")
+        ax.set_title("scaled rotation + rank-k correction (dotted: affine), 95% intervals",
+                     fontsize=9)
+        ax.legend(fontsize=7)
+        return save(fig, fig_dir / "map_family_ranks.png")
 
     def report(self, ctx, result: dict, figures) -> str:
         summary = self.per_site(ctx, result)
@@ -164,6 +245,33 @@ class MapFamily(AnalysisCallback):
             lines.append(f"| `{site}` | " + " | ".join(cells)
                          + f" | {fmt_ci(s['orthogonal_share'], s.get('orthogonal_share_ci'))}"
                          f" | {fmt(s['cka'])} |")
+        ranks = [str(k) for k in result.get("ranks", [])]
+        if ranks:
+            lines += [
+                "",
+                "How many directions does the rest of the linear map need? Held-out EV "
+                "(ev_standard) of the scaled rotation plus a linear correction of rank k, fitted "
+                "jointly; in parentheses the share of the scaled-rotation-to-affine gap it closes. "
+                "A gap closed by a few directions is a low-rank linear part; one that closes only "
+                "as k nears d is spread over the whole space (a correction of d equal singular "
+                "values on isotropic inputs closes k / d of it); what the affine map leaves is "
+                "not linear at all.",
+                "",
+                "| site | scaled orthogonal | " + " | ".join(f"+ rank {k}" for k in ranks)
+                + " | affine |",
+                "|---|---|" + "---|" * (len(ranks) + 1),
+            ]
+            for site, s in summary.items():
+                cells = []
+                for k in ranks:
+                    if k not in s["rank_corrected_ev_standard"]:
+                        cells.append("-")
+                        continue
+                    closed = s["gap_closed"].get(k)
+                    cells.append(fmt(s["rank_corrected_ev_standard"][k])
+                                 + ("" if closed is None else f" ({closed:.2f})"))
+                lines.append(f"| `{site}` | {fmt(s['scaled_orthogonal_ev_standard'])} | "
+                             + " | ".join(cells) + f" | {fmt(s['affine_ev_standard'])} |")
         lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in figures]
         return "\n".join(lines)
 

@@ -104,6 +104,10 @@ def test_planted_rotation_is_found_exactly(planted):
         assert row["orthogonal_ev_standard"] == pytest.approx(1.0, abs=1e-4)
         assert row["orthogonal_share"] == pytest.approx(1.0, abs=1e-4)
         assert row["cka"] == pytest.approx(1.0, abs=1e-6)
+        # and a low-rank correction on top of the rotation finds nothing to add
+        assert row["rank_corrected_ev_standard"]
+        for ev in row["rank_corrected_ev_standard"].values():
+            assert ev == pytest.approx(1.0, abs=1e-4)
 
 
 def test_bad_input_is_reported_clearly(smoke_runs, tmp_path):

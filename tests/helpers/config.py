@@ -61,5 +61,6 @@ def tiny_lm_overrides(tiny: dict, root: Path, *extra: str, analysis: bool = Fals
         "analysis.haar_null_samples=50",
         f"analysis.callbacks.steering.site={tiny['sites'][-1]}",
         "analysis.callbacks.steering.n_boot=100",
+        "analysis.callbacks.map_family.ranks=[1,4]",  # as the smoke preset: two of the five
         *extra,
     ]

@@ -117,7 +117,9 @@ def fit_rank_corrected(source: torch.Tensor, target: torch.Tensor, rank: int,
     onto the top-``rank`` right singular directions of its fitted values). It starts from B = 0
     (the scaled rotation; ``fit_rank_corrected_maps`` starts each rank from the fit of the
     rank below it) and stops when an iteration lowers the loss by less than ``tol`` of
-    the target's total variance (or after ``max_iter``). ``rank=0`` is ``scaled_orthogonal``;
+    the target's total variance or after ``max_iter`` iterations (the alternation converges
+    linearly: on the default preset's activations the 200-iteration cap binds, and moves the
+    held-out EV by less than 1e-4 against 5,000 iterations). ``rank=0`` is ``scaled_orthogonal``;
     ``rank=d`` is ``affine``. How fast the held-out EV climbs between the two says whether what
     a rotation misses is a few directions (a low-rank linear part) or spread over all of them.
     """
@@ -128,6 +130,8 @@ def fit_rank_corrected_maps(source: torch.Tensor, target: torch.Tensor, ranks,
                             max_iter: int = 200, tol: float = 1e-8) -> dict[int, FittedMap]:
     """``fit_rank_corrected`` for several ranks, sharing the d x d statistics they all use."""
     ranks = list(ranks)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     for rank in ranks:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ValueError(f"rank must be an integer >= 0, got {rank!r}")

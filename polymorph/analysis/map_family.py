@@ -124,8 +124,10 @@ class MapFamily(AnalysisCallback):
                 "general linear map adds nothing to a rotation",
                 "rank_corrected_ev_standard / rank_corrected_ev_published": "keyed by k: EV "
                 "(as above) of the scaled rotation plus a linear correction of rank <= k, fitted "
-                "jointly on the fit batch (polymorph.align.maps.fit_rank_corrected, to 1e-8 of the variance); k = 0 is "
-                "scaled_orthogonal, k = d would be affine",
+                "jointly on the fit batch by alternating least squares (polymorph.align.maps."
+                "fit_rank_corrected: at most 200 iterations, stopping early once an iteration "
+                "gains less than 1e-8 of the variance); k = 0 is scaled_orthogonal, k = d would "
+                "be affine",
                 "gap_closed": "keyed by k: (ev_standard(rank k) - ev_standard(scaled_orthogonal)) "
                 "/ (ev_standard(affine) - ev_standard(scaled_orthogonal)), the share of what the "
                 "general linear map adds to the scaled rotation that k directions recover; null "

@@ -6,6 +6,7 @@ from polymorph.align.maps import (
     MAP_FAMILIES,
     fit_map,
     fit_rank_corrected,
+    fit_rank_corrected_maps,
     linear_cka,
     score_map,
 )
@@ -54,7 +55,7 @@ def test_scaled_orthogonal_recovers_a_global_scale():
 
 def test_rank_corrected_map_finds_a_planted_low_rank_part():
     # target = a scaled rotation of the source plus a rank-2 linear part: the scaled rotation
-    # alone misses it, a rank-1 correction half of it, rank 2 all of it (held out)
+    # alone misses it, a rank-1 correction part of it, rank 2 all of it (held out)
     x, g = _data()
     q = haar_orthogonal(16, "O", seed=6).double()
     u = torch.randn(16, 2, generator=g, dtype=torch.float64)
@@ -68,6 +69,23 @@ def test_rank_corrected_map_finds_a_planted_low_rank_part():
     assert ev[0] < ev[1] < 1.0 - 1e-3
     # the joint fit alternates to a tolerance of 1e-8 of the variance: 1 up to about that
     assert ev[2] == pytest.approx(1.0, abs=1e-6) and ev[16] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_several_ranks_at_once_match_each_rank_alone():
+    # the callback fits its ranks together, each warm-started from the rank below: the same
+    # maps as fitting every rank from scratch (to the alternation's stopping tolerance, set
+    # tight here: at the default 1e-8 of the variance the two stop ~1e-5 EV apart)
+    x, g = _data()
+    y = torch.tanh(x @ torch.randn(16, 16, generator=g, dtype=torch.float64) / 8)
+    fit_x, fit_y, ev_x, ev_y = x[:2000], y[:2000], x[2000:], y[2000:]
+    together = fit_rank_corrected_maps(fit_x, fit_y, [4, 1, 2], max_iter=5000, tol=1e-12)
+    assert sorted(together) == [1, 2, 4]
+    for k, fitted in together.items():
+        alone = fit_rank_corrected(fit_x, fit_y, k, max_iter=5000, tol=1e-12)
+        assert score_map(fitted, ev_x, ev_y)["ev_standard"] == pytest.approx(
+            score_map(alone, ev_x, ev_y)["ev_standard"], abs=1e-6), k
+    with pytest.raises(ValueError, match="max_iter"):
+        fit_rank_corrected_maps(fit_x, fit_y, [1], max_iter=0)
 
 
 def test_full_rank_correction_is_the_affine_map():

@@ -17,3 +17,15 @@ def test_other_sweep_syntax_passes_through():
 def test_bad_ranges_fail_clearly(arg, fragment):
     with pytest.raises(SweepSyntaxError, match=fragment):
         expand_ranges([arg])
+
+
+@pytest.mark.parametrize("overrides, values", [
+    (["seed=0,1,2", "experiment=smoke"], ["0", "1", "2"]),
+    (["seed=range(0,3)"], ["0", "1", "2"]),
+    (["seed=4", "io=independent,shared"], None),  # one seed: not a seed sweep
+    (["experiment=smoke"], None),
+])
+def test_the_preflight_reads_the_swept_seeds(overrides, values):
+    from polymorph.preflight import swept_values
+
+    assert swept_values(overrides, "seed") == values

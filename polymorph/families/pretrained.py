@@ -157,7 +157,8 @@ class PretrainedFamily(ModelFamily):
     def validate_seeds(self, seeds: list[int]) -> None:
         if SEED_PLACEHOLDER not in self.model_id and len(seeds) > 1:
             raise PolymorphError(f"family.model_id={self.model_id!r} has no {{seed}}: seeds "
-                                 f"{seeds} would all be the same model; write where the seed goes")
+                                 f"{seeds} would all be the same model; write where the seed "
+                                 f"goes, e.g. family.model_id='{self.model_id}-seed{{seed}}'")
 
     def available_sites(self, cfg: DictConfig) -> list[str] | None:
         local = Path(self.model_id_for(int(cfg.seed))).expanduser()

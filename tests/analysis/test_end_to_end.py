@@ -12,7 +12,7 @@ from polymorph.analysis.runner import analyze
 from polymorph.errors import PolymorphError
 from polymorph.layout import RunLayout
 from polymorph.sae.io import load_sae
-from tests.helpers.config import compose, smoke_overrides, tiny_lm_overrides
+from tests.helpers.config import compose, only_callbacks, smoke_overrides, tiny_lm_overrides
 from tests.helpers.planted import plant_rotated_seed
 
 SITES = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post")
@@ -78,7 +78,9 @@ def planted(smoke_runs, tmp_path_factory):
     root, _ = smoke_runs
     new_root = tmp_path_factory.mktemp("planted")
     q = plant_rotated_seed(root, "smoke", new_root, "planted", SITES)
-    results, objects = analyze(analysis_cfg(new_root, "planted"), show_progress=False)
+    # the callbacks this test reads (the others' planted tests are in their own files)
+    keep = only_callbacks("function_match", "sae_transfer", "map_family")
+    results, objects = analyze(analysis_cfg(new_root, "planted", *keep), show_progress=False)
     return results, objects["context"], q
 
 
@@ -130,11 +132,9 @@ def test_missing_saes_give_partial_results(smoke_runs, tmp_path):
         shutil.copytree(RunLayout.for_seed(root, "smoke", seed).root,
                         RunLayout.for_seed(tmp_path, "gaps", seed).root)
     shutil.rmtree(RunLayout.for_seed(tmp_path, "gaps", 1).saes / SITES[0])
-    results, objects = analyze(
-        analysis_cfg(tmp_path, "gaps", "~analysis.callbacks.steering",
-                     "~analysis.callbacks.checkpoint_drift"),
-        show_progress=False,
-    )
+    # universality is the callback that pairs SAEs site by site
+    results, objects = analyze(analysis_cfg(tmp_path, "gaps", *only_callbacks("universality")),
+                               show_progress=False)
     assert results["meta"]["partial"] is True
     assert any("seed 1" in m and SITES[0] in m for m in results["meta"]["missing"])
     assert results["universality"]["skipped"]  # that pair/site could not be matched

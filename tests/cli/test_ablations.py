@@ -23,9 +23,12 @@ from tests.helpers.cli import ENV, run
 from tests.helpers.config import REPO
 
 OFFLINE = {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-# the analysis of the sequence: the callbacks the comparison's questions need, small nulls
+# the analysis of the sequence: the callbacks the comparison's questions need (conf/compare),
+# small nulls, no rank corrections (no headline reads them)
 ANALYSIS = ["analysis.haar_null_samples=20", "~analysis.callbacks.convergence",
             "~analysis.callbacks.checkpoint_drift", "~analysis.callbacks.sparsity",
+            "~analysis.callbacks.spliced_loss", "~analysis.callbacks.shared_dictionaries",
+            "analysis.callbacks.map_family.ranks=[]",
             "analysis.callbacks.steering.n_boot=100", "analysis.callbacks.steering.n_sequences=64"]
 
 

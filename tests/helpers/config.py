@@ -24,6 +24,17 @@ def compose(overrides: list[str], config_name: str = "train", return_hydra: bool
         )
 
 
+def only_callbacks(*keep: str) -> list[str]:
+    """Overrides that switch off every analysis callback of conf/analysis/default.yaml but
+    ``keep``: for a test that reads only those callbacks' results."""
+    from omegaconf import OmegaConf
+
+    names = OmegaConf.load(CONF_DIR / "analysis" / "default.yaml").callbacks
+    unknown = set(keep) - set(names)
+    assert not unknown, f"no such callbacks: {sorted(unknown)}"
+    return [f"~analysis.callbacks.{name}" for name in names if name not in keep]
+
+
 def smoke_overrides(root: Path, *extra: str) -> list[str]:
     return ["experiment=smoke", "logger=none", f"paths.root={root}", *extra]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tests.helpers.config import compose, smoke_overrides
+from tests.helpers.config import compose, only_callbacks, smoke_overrides
 
 SITE = "blocks.1.hook_resid_post"
 NAME = "shared"
@@ -16,11 +16,9 @@ LADDER = ["sae=topk", "sae.k=8", "sae.steps=100", "sae.batch_size=256", "sae_lad
           "sae_ladder.rungs=[{k:4},{k:8},{k:16}]"]
 UNIVERSAL = ["stage=shared", "shared=universal", "shared.fit_batch.n_sequences=512"]
 CROSSCODER = ["stage=shared", "shared=crosscoder", "shared.rungs=[{k:4},{k:8},{k:16}]"]
-OTHER_CALLBACKS = ("function_match", "universality", "sae_transfer", "haar", "steering",
-                   "checkpoint_drift", "map_family", "convergence", "sparsity")
 ANALYSIS = ["analysis.fit_batch.n_sequences=512", "analysis.eval_batch.n_sequences=256",
             "analysis.callbacks.shared_dictionaries.n_boot=200",
-            *[f"~analysis.callbacks.{c}" for c in OTHER_CALLBACKS]]
+            *only_callbacks("shared_dictionaries")]
 
 
 def overrides(root: Path, *extra: str, name: str = NAME) -> list[str]:

@@ -20,15 +20,17 @@ from omegaconf import DictConfig
 
 
 def swept_values(task_overrides: list[str], key: str) -> list[str] | None:
-    """The values a sweep's overrides give ``key`` (None: the key is not swept)."""
+    """The values a sweep's overrides give ``key`` (None: not swept, or not as a list)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
 
     for override in OverridesParser.create().parse_overrides(task_overrides):
         if override.key_or_group == key and override.is_sweep_override():
-            try:
-                return list(override.sweep_string_iterator())
-            except Exception:  # a sweep Hydra expands itself later (e.g. a glob): not checked
+            # an interval is a sweeper's to sample, a glob matches config-group options: neither
+            # is a list of seeds
+            if not override.is_discrete_sweep() or override.value_type == ValueType.GLOB_CHOICE_SWEEP:
                 return None
+            return list(override.sweep_string_iterator())
     return None
 
 

@@ -24,6 +24,7 @@ def test_bad_ranges_fail_clearly(arg, fragment):
     (["seed=range(0,3)"], ["0", "1", "2"]),
     (["seed=4", "io=independent,shared"], None),  # one seed: not a seed sweep
     (["experiment=smoke"], None),
+    (["seed=interval(0,1)"], None), (["seed=glob(*)"], None),  # no list of seeds to check
 ])
 def test_the_preflight_reads_the_swept_seeds(overrides, values):
     from polymorph.preflight import swept_values

@@ -163,7 +163,8 @@ def test_a_seed_sweep_over_one_fixed_model_id_is_refused_up_front(tiny_lm, tmp_p
                *with_model_id(tiny_lm_overrides(tiny_lm, tmp_path), fixed), check=False)
     assert proc.returncode == 1
     assert "has no {seed}" in proc.stderr and "Traceback" not in proc.stderr
-    assert "family.model_id=" in proc.stderr.strip().splitlines()[-1]  # what to write instead
+    (line,) = proc.stderr.strip().splitlines()  # one line, ending with what to write instead
+    assert line.endswith(f"e.g. family.model_id='{fixed}-seed{{seed}}'"), line
     # refused in the sweep's own process (polymorph/preflight.py): no job was launched
     assert not list(tmp_path.rglob("run.json")) and not list(tmp_path.rglob("multirun_*/0"))
     assert "Joblib" not in proc.stdout + proc.stderr
